@@ -1,0 +1,4 @@
+//! ballast-proto
+pub mod pb {
+    tonic::include_proto!("ballast.v1");
+}

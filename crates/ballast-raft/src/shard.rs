@@ -1,0 +1,208 @@
+//! Starting a shard replica and talking to it: [`start_shard`] wires a
+//! group's log (on the disk's [`LogWriter`]), its state machine (on the
+//! disk's [`BlockStore`]) and the [`Transport`] into an openraft instance;
+//! [`ShardGroup`] wraps it with Ballast-typed writes and linearizable reads.
+
+use openraft::async_runtime::watch::WatchReceiver;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_storage::{BlockStore, LogStore, Segment, VolumeView};
+use ballast_types::{Geometry, ShardId, VolumeId};
+use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
+use openraft::{Raft, ReadPolicy, SnapshotPolicy};
+
+use crate::error::ShardError;
+use crate::log_store::ShardLogStore;
+use crate::log_writer::LogWriter;
+use crate::network::{ShardNetworkFactory, Transport};
+use crate::state_machine::ShardStateMachine;
+use crate::types::{BallastNode, GroupId, NodeId, ShardRequest, ShardResponse, TypeConfig};
+
+/// The openraft handle of a shard replica.
+pub type ShardRaft<S> = Raft<TypeConfig, ShardStateMachine<S>>;
+
+/// Timing and compaction of shard groups. The defaults suit hundreds of groups
+/// per process (see DEPENDENCY-NOTES: idle cost grows with groups × followers
+/// ÷ heartbeat interval).
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot (cheap: a sync and a metadata record) after this many
+    /// applied entries; the log below it is then purged.
+    pub snapshot_every: u64,
+    /// Entries kept below the snapshot so slightly lagging followers catch up
+    /// from the log rather than by a snapshot.
+    pub logs_to_keep: u64,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(250),
+            election_timeout_min: Duration::from_millis(750),
+            election_timeout_max: Duration::from_millis(1500),
+            snapshot_every: 20_000,
+            logs_to_keep: 2_000,
+        }
+    }
+}
+
+impl ShardConfig {
+    /// The openraft configuration of group `group`.
+    pub fn openraft(&self, group: GroupId) -> Result<openraft::Config, ShardError> {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let c = openraft::Config {
+            cluster_name: format!("ballast-group-{group}"),
+            heartbeat_interval: ms(self.heartbeat_interval),
+            election_timeout_min: ms(self.election_timeout_min),
+            election_timeout_max: ms(self.election_timeout_max),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.logs_to_keep,
+            ..Default::default()
+        };
+        c.validate().map_err(|e| ShardError::Rejected { group, reason: e.to_string() })
+    }
+}
+
+/// Which replica to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardSpec {
+    /// The Raft group (the node crate maps shards to groups; group 0 is meta).
+    pub group: GroupId,
+    /// The shard whose key range the group owns.
+    pub shard: ShardId,
+    /// This node.
+    pub node: NodeId,
+}
+
+/// A running shard replica.
+pub struct ShardGroup<S: BlockStore> {
+    spec: ShardSpec,
+    raft: ShardRaft<S>,
+    store: Arc<S>,
+}
+
+/// Start (or restart, from what `log` and `store` hold) the replica `spec`.
+/// Received snapshots are spilled under `snapshot_dir/shard-<id>/`.
+pub async fn start_shard<L: LogStore, S: BlockStore, T: Transport>(
+    spec: ShardSpec,
+    config: &ShardConfig,
+    log: &LogWriter<L>,
+    store: Arc<S>,
+    snapshot_dir: &Path,
+    transport: Arc<T>,
+) -> Result<ShardGroup<S>, ShardError> {
+    let raft_config = Arc::new(config.openraft(spec.group)?);
+    let log_store = ShardLogStore::open(spec.group, log.clone())?;
+    let sm = ShardStateMachine::open(store.clone(), spec.shard, snapshot_dir)
+        .map_err(|e| ShardError::Unavailable { group: spec.group, reason: e.to_string() })?;
+    let network = ShardNetworkFactory::new(transport, spec.group);
+    let raft = Raft::new(spec.node, raft_config, network, log_store, sm)
+        .await
+        .map_err(|e| ShardError::Unavailable { group: spec.group, reason: e.to_string() })?;
+    Ok(ShardGroup { spec, raft, store })
+}
+
+fn leader_of(group: GroupId, f: &ForwardToLeader<TypeConfig>) -> (GroupId, Option<NodeId>, Option<String>) {
+    (group, f.leader_id, f.leader_node.as_ref().map(|n| n.addr.clone()))
+}
+
+impl<S: BlockStore> ShardGroup<S> {
+    pub fn spec(&self) -> ShardSpec {
+        self.spec
+    }
+
+    pub fn raft(&self) -> &ShardRaft<S> {
+        &self.raft
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// Make this replica the first member of a new group of `members`
+    /// (call on one node only; the others start empty and are told by the leader).
+    pub async fn initialize(&self, members: BTreeMap<NodeId, BallastNode>) -> Result<(), ShardError> {
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| ShardError::Rejected { group: self.spec.group, reason: e.to_string() })
+    }
+
+    /// The leader this replica knows of, with its address.
+    pub fn leader(&self) -> Option<(NodeId, BallastNode)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id).cloned().unwrap_or_default();
+        Some((id, node))
+    }
+
+    /// Replicate and apply `req`; answers once a majority has it durable and
+    /// this leader has applied it.
+    pub async fn write(&self, req: ShardRequest) -> Result<ShardResponse, ShardError> {
+        let group = self.spec.group;
+        match self.raft.client_write(req).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                let (group, leader, addr) = leader_of(group, &f);
+                Err(ShardError::NotLeader { group, leader, addr })
+            }
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => {
+                let (group, leader, addr) = leader_of(group, &f);
+                Err(ShardError::OutcomeUnknown { group, leader, addr })
+            }
+            Err(RaftError::APIError(e)) => Err(ShardError::Rejected { group, reason: e.to_string() }),
+            Err(RaftError::Fatal(f)) => Err(ShardError::Unavailable { group, reason: f.to_string() }),
+        }
+    }
+
+    /// Wait until this replica may serve a linearizable read: it is the leader
+    /// with a valid lease and has applied everything committed before the call.
+    pub async fn linearize(&self) -> Result<(), ShardError> {
+        let group = self.spec.group;
+        match self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                let (group, leader, addr) = leader_of(group, &f);
+                Err(ShardError::NotLeader { group, leader, addr })
+            }
+            Err(RaftError::APIError(e)) => Err(ShardError::Unavailable { group, reason: e.to_string() }),
+            Err(RaftError::Fatal(f)) => Err(ShardError::Unavailable { group, reason: f.to_string() }),
+        }
+    }
+
+    /// A linearizable read of `[offset, offset+len)` of `volume` in this shard.
+    pub async fn read(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Segment>, ShardError> {
+        self.linearize().await?;
+        let (store, shard) = (self.store.clone(), self.spec.shard);
+        let read = tokio::task::spawn_blocking(move || {
+            VolumeView::new(&*store, shard, volume, Geometry::default()).read(offset, len)
+        });
+        let group = self.spec.group;
+        Ok(read.await.map_err(|e| ShardError::Unavailable { group, reason: e.to_string() })??)
+    }
+
+    /// Linearizable allocation map of `[offset, offset+len)` (`(length, allocated)` runs).
+    pub async fn extents(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, ShardError> {
+        self.linearize().await?;
+        let (store, shard) = (self.store.clone(), self.spec.shard);
+        let read = tokio::task::spawn_blocking(move || {
+            VolumeView::new(&*store, shard, volume, Geometry::default()).extents(offset, len)
+        });
+        let group = self.spec.group;
+        Ok(read.await.map_err(|e| ShardError::Unavailable { group, reason: e.to_string() })??)
+    }
+
+    /// Stop the replica's Raft tasks. Its storage stays as it is.
+    pub async fn shutdown(&self) -> Result<(), ShardError> {
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| ShardError::Unavailable { group: self.spec.group, reason: e.to_string() })
+    }
+}
