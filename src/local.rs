@@ -84,6 +84,11 @@ impl LocalVolumes {
         Ok(Self { store: Arc::new(store), default_export: RwLock::new(None), open: Mutex::new(HashMap::new()) })
     }
 
+    /// Make every completed write durable (used at shutdown).
+    pub fn sync(&self) -> Result<(), LocalError> {
+        Ok(self.store.sync()?)
+    }
+
     /// The export served for the empty name.
     pub fn set_default_export(&self, name: &str) {
         *self.default_export.write().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());

@@ -133,7 +133,8 @@ async fn demo(args: DemoArgs) -> Result<()> {
         tracing::info!(volume = %info.name, size = info.size, "volume exists; keeping its size");
     }
     volumes.set_default_export(&info.name);
-    let server = NbdServer::new(Arc::new(volumes), ServerConfig::default());
+    let volumes = Arc::new(volumes);
+    let server = NbdServer::new(volumes.clone(), ServerConfig::default());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another ballast running?)", args.listen))?;
@@ -167,6 +168,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
     }
+    tokio::task::spawn_blocking(move || volumes.sync()).await?.context("syncing the store at shutdown")?;
     Ok(())
 }
 

@@ -40,6 +40,16 @@ def check(cond, what):
         raise CheckFailed(what)
 
 
+deferred = []
+
+
+def check_later(cond, what):
+    """A failed check that should not hide the checks after it: reported at the end."""
+    if not cond:
+        print(f"    DEFERRED FAILURE: {what}", flush=True)
+        deferred.append(what)
+
+
 def section(name):
     print(f"--- {name}", flush=True)
 
@@ -427,6 +437,32 @@ def test_many_in_flight(h, base):
     verify(h, a, 1 * MiB + 64 * KiB, "after aio")
 
 
+def test_two_connections_same_blocks(uri, base):
+    section("two connections writing interleaved 512-byte sectors of the same blocks")
+    h1, h2 = connect(uri), connect(uri)
+    c = base + 48 * MiB
+    nblocks = 256
+    for rnd in range(4):
+        pending = []
+        for b in range(nblocks):
+            for sec in range(8):
+                off = c + b * 4096 + sec * 512
+                d = rand_bytes(512)
+                model.write(off, d)
+                h = h1 if sec % 2 == 0 else h2
+                pending.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(d)), off))
+            if len(pending) >= 256:
+                drain(h1, "sector writes")
+                drain(h2, "sector writes")
+                pending = []
+        drain(h1, "sector writes")
+        drain(h2, "sector writes")
+        for h in (h1, h2):
+            verify(h, c, nblocks * 4096, f"interleaved sector writes, round {rnd} (lost update?)")
+    h1.shutdown()
+    h2.shutdown()
+
+
 def test_max_block(h, base):
     section("payload size limits")
     big = h.pread(32 * MiB, base)
@@ -665,8 +701,8 @@ class Raw:
         self.s.close()
 
 
-def test_raw(uri, base):
-    section("raw protocol: bad magic, truncation, unknown commands")
+def test_raw(uri, base, h_size):
+    section("raw protocol: bad magic, truncation, unknown commands, EXPORT_NAME, flags")
     want = model.read(base, 4096)
 
     # Unknown command type: EINVAL, and the connection still serves a READ.
@@ -730,6 +766,78 @@ def test_raw(uri, base):
     raw.s = s
     raw.expect_closed("bad option magic")
 
+    # A WRITE over the maximum payload: refused, and either its payload is
+    # drained (the connection keeps working) or the connection is closed.
+    r = Raw(uri)
+    n = 32 * MiB + 4096
+    c = r.request(CMD_WRITE, base, n, payload=b"\xee" * n)
+    err, _ = r.simple_reply(c, 0)
+    check(err in (errno.EINVAL, errno.EOVERFLOW, errno.ENOMEM),
+          f"raw: oversized WRITE answered errno {err}")
+    c = r.request(CMD_READ, base, 4096)
+    err, data = r.simple_reply(c, 4096)
+    check(err == 0, f"raw: READ after an oversized WRITE failed with errno {err}")
+    check_bytes("raw: READ after an oversized WRITE (payload must be drained, not applied)", data, want)
+    r.close()
+    print("    oversized WRITE -> EINVAL, payload drained, next READ served")
+
+    # NBD_OPT_EXPORT_NAME (what old clients use), with and without NO_ZEROES.
+    (fam, addr), export = parse_uri(uri)
+    for no_zeroes in (True, False):
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(addr)
+        raw = Raw.__new__(Raw)
+        raw.s, raw.cookie = s, 500
+        raw.recv(18)
+        s.sendall(struct.pack(">I", 1 | (2 if no_zeroes else 0)))
+        s.sendall(struct.pack(">QII", IHAVEOPT, 1, len(export)) + export.encode())
+        size, tflags = struct.unpack(">QH", raw.recv(10))
+        if not no_zeroes:
+            check(raw.recv(124) == bytes(124), "raw: EXPORT_NAME without NO_ZEROES: 124 zero bytes")
+        check(size == h_size and tflags & 1, f"raw: EXPORT_NAME size {size} flags {tflags:#x}")
+        c = raw.request(CMD_READ, base, 4096)
+        err, data = raw.simple_reply(c, 4096)
+        check(err == 0 and data == want, f"raw: READ after EXPORT_NAME (errno {err})")
+        check_later(tflags & (1 << 7) == 0,
+                    f"transmission flags {tflags:#x} after NBD_OPT_EXPORT_NAME (NO_ZEROES={no_zeroes}) without structured replies "
+                    "advertise NBD_FLAG_SEND_DF; the spec says the server MUST leave it clear unless "
+                    "structured replies were negotiated (and the server answers DF reads here with EINVAL)")
+        raw.close()
+    print("    NBD_OPT_EXPORT_NAME with and without NO_ZEROES: size, flags, READ")
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(addr)
+    s.recv(18)
+    s.sendall(struct.pack(">I", 3))
+    s.sendall(struct.pack(">QII", IHAVEOPT, 1, 7) + b"no-such")
+    raw = Raw.__new__(Raw)
+    raw.s = s
+    raw.expect_closed("NBD_OPT_EXPORT_NAME of an unknown export")
+
+    # Transmission flags after NBD_OPT_GO, with and without structured replies.
+    base_flags = 0x1 | 0x4 | 0x8 | 0x20 | 0x40 | 0x100 | 0x400 | 0x800
+    for st in (True, False):
+        r = Raw(uri, structured=st)
+        want_flags = base_flags | (0x80 if st else 0)
+        check(r.tflags & base_flags == base_flags and not r.tflags & 2,
+              f"raw: NBD_OPT_GO (structured={st}) flags {r.tflags:#x} lack some of {base_flags:#x}")
+        check_later(r.tflags == want_flags,
+                    f"NBD_OPT_GO with structured replies {'negotiated' if st else 'NOT negotiated'}: "
+                    f"transmission flags {r.tflags:#x}, expected {want_flags:#x} (NBD_FLAG_SEND_DF "
+                    "MUST be clear unless structured replies were negotiated)")
+        if r.tflags & 0x80:
+            # Advertised, so a client may send it: a DF read must then succeed.
+            c = r.request(CMD_READ, base, 4096, flags=1 << 2)
+            if st:
+                err, data = r.structured_reply(c, base, 4096, is_read=True)
+            else:
+                err, data = r.simple_reply(c, 4096)
+            check_later(err == 0 and data == want,
+                        f"READ with NBD_CMD_FLAG_DF (advertised by NBD_FLAG_SEND_DF) on a connection with "
+                        f"structured replies {'negotiated' if st else 'NOT negotiated'} failed with errno {err}")
+        r.close()
+
     # The server survived all that.
     h = connect(uri)
     check_bytes("read after raw abuse (truncated write must not be applied)", h.pread(4096, base), want)
@@ -752,16 +860,19 @@ def main():
     test_cache(h, base)
     test_block_status(h, base)
     test_many_in_flight(h, base)
+    test_two_connections_same_blocks(URI, base)
     test_max_block(h, base)
     test_errors(h, base, size)
     test_read_only(RO_URI)
     test_simple_replies(URI, base)
-    test_raw(URI, base)
+    test_raw(URI, base, size)
     # The first handle outlived everything above.
     for off in range(base, base + 48 * MiB, 16 * MiB):  # reads are capped at 32 MiB
         verify(h, off, 16 * MiB, "final check on the first handle")
     h.flush()
     h.shutdown()
+    if deferred:
+        raise CheckFailed(f"{len(deferred)} deferred failure(s):\n  " + "\n  ".join(deferred))
     print("nbdsh_commands.py: all checks passed", flush=True)
 
 

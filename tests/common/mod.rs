@@ -308,6 +308,7 @@ pub fn clients_dir() -> PathBuf {
 /// `67108864`; strings unquoted, `true`/`false`/`null` as written) using the
 /// Debian python, so the tests need no JSON crate.
 pub fn flatten_json(json: &str) -> BTreeMap<String, String> {
+    require_tool(PYTHON, "python3");
     let script = clients_dir().join("json_flatten.py");
     let mut child = Command::new(PYTHON)
         .arg(&script)

@@ -85,16 +85,20 @@ pub(crate) async fn discard<R: AsyncRead + Unpin>(r: &mut R, len: u64, what: &'s
 }
 
 /// The transmission flags we advertise for a device.
-pub(crate) fn transmission_flags(read_only: bool) -> u16 {
+/// `SEND_DF` only with structured replies: the spec says the server MUST
+/// leave it clear otherwise (DF means "one data chunk", a structured notion).
+pub(crate) fn transmission_flags(read_only: bool, structured: bool) -> u16 {
     let mut f = TFLAG_HAS_FLAGS
         | TFLAG_SEND_FLUSH
         | TFLAG_SEND_FUA
         | TFLAG_SEND_TRIM
         | TFLAG_SEND_WRITE_ZEROES
-        | TFLAG_SEND_DF
         | TFLAG_CAN_MULTI_CONN
         | TFLAG_SEND_CACHE
         | TFLAG_SEND_FAST_ZERO;
+    if structured {
+        f |= TFLAG_SEND_DF;
+    }
     if read_only {
         f |= TFLAG_READ_ONLY;
     }
@@ -174,7 +178,7 @@ where
                 let neg = finish(&mut st, &name, device);
                 let mut b = BytesMut::with_capacity(10 + 124);
                 b.put_u64(neg.size);
-                b.put_u16(transmission_flags(neg.read_only));
+                b.put_u16(transmission_flags(neg.read_only, neg.structured));
                 if !no_zeroes {
                     b.put_bytes(0, 124);
                 }
@@ -373,7 +377,7 @@ where
     let mut export = BytesMut::with_capacity(12);
     export.put_u16(INFO_EXPORT);
     export.put_u64(device.size());
-    export.put_u16(transmission_flags(device.read_only()));
+    export.put_u16(transmission_flags(device.read_only(), st.structured));
     replies.push(option_reply(opt, REP_INFO, &export));
     if requests.contains(&INFO_NAME) {
         let mut b = BytesMut::with_capacity(2 + name.len());
@@ -499,8 +503,10 @@ mod tests {
 
     #[test]
     fn flags_mark_read_only() {
-        assert_eq!(transmission_flags(false) & TFLAG_READ_ONLY, 0);
-        assert_ne!(transmission_flags(true) & TFLAG_READ_ONLY, 0);
-        assert_ne!(transmission_flags(false) & TFLAG_CAN_MULTI_CONN, 0);
+        assert_eq!(transmission_flags(false, true) & TFLAG_READ_ONLY, 0);
+        assert_ne!(transmission_flags(true, true) & TFLAG_READ_ONLY, 0);
+        assert_ne!(transmission_flags(false, true) & TFLAG_CAN_MULTI_CONN, 0);
+        assert_ne!(transmission_flags(false, true) & TFLAG_SEND_DF, 0);
+        assert_eq!(transmission_flags(false, false) & TFLAG_SEND_DF, 0, "DF needs structured replies");
     }
 }

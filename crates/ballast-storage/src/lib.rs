@@ -22,6 +22,6 @@ pub use error::StorageError;
 pub use log::{GroupId, LogBatch, LogOp, LogStore, MemLogStore};
 pub use mem::MemStore;
 pub use rocks::{RocksConfig, RocksStore};
-pub use store::{BlockSnapshot, BlockStore, Durability, KeyRange, WriteBatch, WriteOp};
+pub use store::{BlockSnapshot, BlockStore, Durability, KeyRange, MetaEntry, WriteBatch, WriteOp};
 pub use value::{decode_block, encode_block, VALUE_FORMAT_V1};
 pub use volume::{Segment, VolumeView};

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use ballast_types::BlockKey;
 use bytes::Bytes;
 
-use crate::store::{BlockSnapshot, BlockStore, Durability, KeyRange, WriteBatch, WriteOp};
+use crate::store::{BlockSnapshot, BlockStore, Durability, KeyRange, MetaEntry, WriteBatch, WriteOp};
 use crate::value::{decode_block, encode_block};
 use crate::StorageError;
 
@@ -124,7 +124,7 @@ impl BlockStore for MemStore {
         Ok(inner.meta.get(key).cloned())
     }
 
-    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, StorageError> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         Ok(inner
             .meta

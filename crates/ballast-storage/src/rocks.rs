@@ -12,7 +12,7 @@ use rocksdb::{
     Options, ReadOptions, WriteOptions, DB,
 };
 
-use crate::store::{BlockSnapshot, BlockStore, Durability, KeyRange, WriteBatch, WriteOp};
+use crate::store::{BlockSnapshot, BlockStore, Durability, KeyRange, MetaEntry, WriteBatch, WriteOp};
 use crate::value::{decode_block, encode_block};
 use crate::StorageError;
 
@@ -216,7 +216,7 @@ impl BlockStore for RocksStore {
         self.db.get_cf(self.cf(CF_META)?, key).map_err(engine)
     }
 
-    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, StorageError> {
         let it = self.db.iterator_cf(self.cf(CF_META)?, IteratorMode::From(prefix, Direction::Forward));
         let mut out = Vec::new();
         for item in it {

@@ -23,6 +23,9 @@ impl KeyRange {
     }
 }
 
+/// A catalog entry: key and value.
+pub type MetaEntry = (Vec<u8>, Vec<u8>);
+
 /// One change in a [`WriteBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
@@ -125,7 +128,7 @@ pub trait BlockStore: Send + Sync + 'static {
     fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
 
     /// Catalog entries whose key starts with `prefix`, in key order.
-    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, StorageError>;
 
     /// A point-in-time view, e.g. to stream a shard to a new replica.
     fn snapshot(&self) -> Self::Snapshot<'_>;

@@ -298,7 +298,8 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
 pub fn validate_volume_size(size: u64) -> Result<(), ValidationError> {
     if size == 0 {
         Err(ValidationError::ZeroSize)
-    } else if size % u64::from(BLOCK_SIZE) != 0 {
+    } else if size & (u64::from(BLOCK_SIZE) - 1) != 0 {
+        // BLOCK_SIZE is a power of two; `is_multiple_of` needs Rust 1.87 (we support 1.85).
         Err(ValidationError::UnalignedSize(size))
     } else if size > MAX_VOLUME_SIZE {
         Err(ValidationError::SizeTooLarge(size))
