@@ -69,7 +69,7 @@ pub(crate) fn reads_store(req: &ShardRequest) -> bool {
     match req {
         ShardRequest::Write { offset, data, .. } => offset % bs != 0 || data.len() as u64 % bs != 0,
         ShardRequest::Zero { offset, len, .. } => offset % bs != 0 || len % bs != 0,
-        ShardRequest::DeleteVolume { .. } | ShardRequest::Noop => false,
+        ShardRequest::DeleteVolume { .. } | ShardRequest::Noop | ShardRequest::Meta(_) => false,
     }
 }
 
@@ -148,6 +148,7 @@ pub(crate) fn plan<S: BlockStore>(
             ShardResponse::Done
         }
         ShardRequest::Noop => ShardResponse::Done,
+        ShardRequest::Meta(_) => ShardResponse::Invalid { reason: "a meta command sent to a shard group".into() },
     };
     Ok(outcome)
 }

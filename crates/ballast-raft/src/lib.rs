@@ -11,6 +11,8 @@
 //! - [`apply`]: how a request becomes block changes (fencing, validation).
 //! - [`snapshot`]: bounded-memory snapshots (live scans on the sender, a
 //!   spill file on the receiver) and why a live scan is a valid snapshot.
+//! - [`meta`]: the meta group (group 0): the cluster map, placement and
+//!   repair planning, and [`start_meta`].
 //! - [`codec`]: the versioned binary format of entries and frames.
 //!
 //! Invariants: an acknowledged write is in the log of a majority, fsync'd;
@@ -22,6 +24,7 @@ pub mod codec;
 mod error;
 pub mod log_store;
 pub mod log_writer;
+pub mod meta;
 pub mod network;
 pub mod shard;
 pub mod snapshot;
@@ -36,6 +39,7 @@ mod tests;
 pub use error::ShardError;
 pub use log_store::ShardLogStore;
 pub use log_writer::{LogWriter, WriteFailed, WriterCounts};
+pub use meta::{start_meta, ClusterMap, MetaCommand, MetaGroup, MetaOutcome, META_GROUP};
 pub use network::{FullSnapshot, ShardNetworkFactory, Transport, TransportError};
 pub use shard::{start_shard, ShardConfig, ShardGroup, ShardRaft, ShardSpec};
 pub use snapshot::{ShardSnapshot, SnapshotError, SnapshotHeader, SnapshotPage, SnapshotReceiver};

@@ -113,6 +113,10 @@ fn leader_of(group: GroupId, f: &ForwardToLeader<TypeConfig>) -> (GroupId, Optio
 }
 
 impl<S: BlockStore> ShardGroup<S> {
+    pub(crate) fn from_parts(spec: ShardSpec, raft: ShardRaft<S>, store: Arc<S>) -> Self {
+        Self { spec, raft, store }
+    }
+
     pub fn spec(&self) -> ShardSpec {
         self.spec
     }
@@ -145,9 +149,14 @@ impl<S: BlockStore> ShardGroup<S> {
     /// Replicate and apply `req`; answers once a majority has it durable and
     /// this leader has applied it.
     pub async fn write(&self, req: ShardRequest) -> Result<ShardResponse, ShardError> {
+        self.write_at(req).await.map(|(_, resp)| resp)
+    }
+
+    /// [`Self::write`], also returning the log index the request was applied at.
+    pub(crate) async fn write_at(&self, req: ShardRequest) -> Result<(u64, ShardResponse), ShardError> {
         let group = self.spec.group;
         match self.raft.client_write(req).await {
-            Ok(resp) => Ok(resp.data),
+            Ok(resp) => Ok((resp.log_id.index, resp.data)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 let (group, leader, addr) = leader_of(group, &f);
                 Err(ShardError::NotLeader { group, leader, addr })

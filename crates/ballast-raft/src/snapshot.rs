@@ -173,6 +173,14 @@ impl<S: BlockStore> PageSource for LivePages<S> {
     }
 }
 
+struct MemPages(std::collections::VecDeque<SnapshotPage>);
+
+impl PageSource for MemPages {
+    fn next_page(&mut self) -> Result<Option<SnapshotPage>, SnapshotError> {
+        Ok(self.0.pop_front())
+    }
+}
+
 struct FilePages {
     path: PathBuf,
     reader: BufReader<File>,
@@ -237,6 +245,12 @@ impl ShardSnapshot {
     pub fn live<S: BlockStore>(store: Arc<S>, header: SnapshotHeader) -> Self {
         let range = shard_range(header.shard());
         Self { header, source: Box::new(LivePages { store, next: Some(range) }) }
+    }
+
+    /// A snapshot of pages held in memory: for small state (the meta group's
+    /// map travels as one page; see `crate::meta`).
+    pub fn in_memory(header: SnapshotHeader, pages: Vec<SnapshotPage>) -> Self {
+        Self { header, source: Box::new(MemPages(pages.into())) }
     }
 
     /// A snapshot read back from a spill file written by [`SnapshotReceiver`].

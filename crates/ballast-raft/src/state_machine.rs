@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::apply::{self, keys};
 use crate::codec;
 use crate::error::io_err;
+use crate::meta::state::{self as meta_state, MetaState, SnapshotRecord as MetaSnapshotRecord, META_SHARD};
 use crate::snapshot::{self, shard_range, ShardSnapshot, SnapshotHeader};
 use crate::types::{LogId, ShardResponse, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -44,13 +45,17 @@ struct SmState {
     snapshot: Option<SnapshotRecord>,
 }
 
-/// The state machine of one shard replica.
+/// The state machine of one shard replica — or, when opened with
+/// [`ShardStateMachine::open_meta`], of the meta group: one type for both so
+/// every group shares one `Raft` type, one transport and one router.
 pub struct ShardStateMachine<S: BlockStore> {
     store: Arc<S>,
     shard: ShardId,
     /// Where received snapshots are spilled (one directory per shard).
     snapshot_dir: PathBuf,
     state: Arc<Mutex<SmState>>,
+    /// `Some` for the meta group: every method delegates to [`crate::meta`].
+    meta: Option<Arc<Mutex<MetaState>>>,
 }
 
 fn lock(state: &Mutex<SmState>) -> MutexGuard<'_, SmState> {
@@ -90,7 +95,26 @@ impl<S: BlockStore> ShardStateMachine<S> {
             std::fs::remove_file(&path)?;
         }
         let state = load_state(&*store, shard)?;
-        Ok(Self { store, shard, snapshot_dir, state: Arc::new(Mutex::new(state)) })
+        Ok(Self { store, shard, snapshot_dir, state: Arc::new(Mutex::new(state)), meta: None })
+    }
+
+    /// Open the meta group's state machine on `store` (see [`crate::meta`]).
+    /// Blocking.
+    pub fn open_meta(store: Arc<S>, snapshot_dir: &Path) -> io::Result<Self> {
+        let snapshot_dir = crate::meta::meta_snapshot_dir(snapshot_dir);
+        std::fs::create_dir_all(&snapshot_dir)?;
+        let meta = meta_state::load(&*store)?;
+        Ok(Self {
+            store,
+            shard: META_SHARD,
+            snapshot_dir,
+            state: Arc::new(Mutex::new(SmState::default())),
+            meta: Some(Arc::new(Mutex::new(meta))),
+        })
+    }
+
+    pub(crate) fn meta_state(&self) -> Option<Arc<Mutex<MetaState>>> {
+        self.meta.clone()
     }
 
     pub fn shard(&self) -> ShardId {
@@ -212,6 +236,10 @@ impl<S: BlockStore> RaftStateMachine<TypeConfig> for ShardStateMachine<S> {
     type SnapshotBuilder = ShardSnapshotBuilder<S>;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        if let Some(meta) = &self.meta {
+            let st = meta_state::lock(meta);
+            return Ok((st.applied, st.membership.clone()));
+        }
         let st = lock(&self.state);
         Ok((st.applied, st.membership.clone()))
     }
@@ -227,6 +255,17 @@ impl<S: BlockStore> RaftStateMachine<TypeConfig> for ShardStateMachine<S> {
             batch.push(entry);
             responders.push(responder);
         }
+        if let Some(meta) = self.meta.clone() {
+            let local: Vec<bool> = responders.iter().map(Option::is_some).collect();
+            let store = self.store.clone();
+            let answers = blocking(move || meta_state::apply_entries(&*store, &meta, batch, &local)).await?;
+            for (responder, answer) in responders.into_iter().zip(answers) {
+                if let Some(r) = responder {
+                    r.send(answer);
+                }
+            }
+            return Ok(());
+        }
         let (store, shard, state) = (self.store.clone(), self.shard, self.state.clone());
         let answers = blocking(move || apply_entries(&*store, shard, &state, batch)).await?;
         for (responder, answer) in responders.into_iter().zip(answers) {
@@ -238,6 +277,11 @@ impl<S: BlockStore> RaftStateMachine<TypeConfig> for ShardStateMachine<S> {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let meta_record = self.meta.as_ref().map(|m| {
+            let st = meta_state::lock(m);
+            let meta = SnapshotMeta { last_log_id: st.applied, last_membership: st.membership.clone() };
+            (m.clone(), MetaSnapshotRecord { meta, map: st.map.clone() })
+        });
         let st = lock(&self.state);
         let meta = SnapshotMeta { last_log_id: st.applied, last_membership: st.membership.clone() };
         let epochs = st.epochs.iter().map(|(v, e)| (v.0, *e)).collect();
@@ -246,10 +290,17 @@ impl<S: BlockStore> RaftStateMachine<TypeConfig> for ShardStateMachine<S> {
             shard: self.shard,
             record: SnapshotRecord { meta, epochs },
             state: self.state.clone(),
+            meta: meta_record,
         }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: ShardSnapshot) -> Result<(), io::Error> {
+        if let Some(state) = self.meta.clone() {
+            let (store, meta) = (self.store.clone(), meta.clone());
+            blocking(move || meta_state::install(&*store, &state, &meta, snapshot)).await?;
+            tracing::info!("meta group installed a snapshot");
+            return Ok(());
+        }
         let (store, shard, dir, meta) = (self.store.clone(), self.shard, self.snapshot_dir.clone(), meta.clone());
         let state = blocking(move || {
             let spilled = match snapshot.file() {
@@ -272,6 +323,10 @@ impl<S: BlockStore> RaftStateMachine<TypeConfig> for ShardStateMachine<S> {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<RaftSnapshot>, io::Error> {
+        if let Some(meta) = &self.meta {
+            let record = meta_state::lock(meta).snapshot.clone();
+            return record.map(|r| Ok(Snapshot { snapshot: meta_state::snapshot_data(&r)?, meta: r.meta })).transpose();
+        }
         let record = lock(&self.state).snapshot.clone();
         Ok(record.map(|r| self.live_snapshot(&r)))
     }
@@ -287,12 +342,19 @@ pub struct ShardSnapshotBuilder<S: BlockStore> {
     shard: ShardId,
     record: SnapshotRecord,
     state: Arc<Mutex<SmState>>,
+    /// The meta group's state and the record to snapshot, for the meta group.
+    meta: Option<(Arc<Mutex<MetaState>>, MetaSnapshotRecord)>,
 }
 
 impl<S: BlockStore> RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder<S> {
     type SnapshotData = ShardSnapshot;
 
     async fn build_snapshot(&mut self) -> Result<RaftSnapshot, io::Error> {
+        if let Some((state, record)) = self.meta.clone() {
+            let store = self.store.clone();
+            let r = blocking(move || meta_state::build_snapshot(&*store, &state, record)).await?;
+            return Ok(Snapshot { snapshot: meta_state::snapshot_data(&r)?, meta: r.meta });
+        }
         let (store, shard, state, record) = (self.store.clone(), self.shard, self.state.clone(), self.record.clone());
         let record = blocking(move || {
             // Everything applied so far becomes durable: the log below

@@ -60,6 +60,11 @@ pub enum ShardRequest {
     },
     /// Changes nothing; commits a barrier.
     Noop,
+    /// A change to the cluster map: meta group (group 0) only; a shard
+    /// answers `Invalid`. The meta state machine answers `Done` and hands
+    /// the command's [`crate::meta::MetaReply`] to the local proposer (see
+    /// [`crate::meta::MetaGroup::propose`]).
+    Meta(crate::meta::MetaCommand),
 }
 
 /// `VolumeId` lives in `ballast-types`, which has no serde: encode it as its u64.
@@ -86,6 +91,7 @@ impl fmt::Display for ShardRequest {
             }
             Self::DeleteVolume { volume } => write!(f, "DeleteVolume({volume})"),
             Self::Noop => f.write_str("Noop"),
+            Self::Meta(cmd) => write!(f, "Meta({cmd:?})"),
         }
     }
 }

@@ -2,5 +2,6 @@
 
 mod cluster;
 mod group_commit;
+mod meta_cluster;
 mod openraft_suite;
 mod support;

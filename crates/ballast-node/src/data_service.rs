@@ -1,0 +1,274 @@
+//! The tonic `Data` service: a thin client's reads and writes of one chunk
+//! piece, served by this node's replica of the shard that owns the chunk.
+//!
+//! Every request is validated on receipt (`ballast-proto`: required fields,
+//! range limits, the CRC32C of write payloads → `BAD_CHECKSUM`) before it is
+//! routed; a request must stay inside one chunk (`OUT_OF_RANGE` otherwise;
+//! `BlockStatus` is clipped to its first chunk instead, as NBD allows a short
+//! answer). Only the shard's leader answers: writes go through its Raft log
+//! and reads are linearizable (leader lease), so a follower answers
+//! `NOT_LEADER` with the leader it knows of. Stored blocks are CRC-checked on
+//! read by the store; a mismatch is `CORRUPT`, never the bytes.
+
+use std::sync::Arc;
+
+use ballast_proto::pb;
+use ballast_proto::pb::data_server::Data;
+use ballast_raft::{ShardError, ShardRequest, ShardResponse};
+use ballast_storage::{BlockStore, Segment, StorageError};
+use ballast_types::{
+    shard_index, ApiError, ErrorCode, Extent, Geometry, GroupId, LeaderHint, RangeRequest, ReadData, ReadSegment,
+    ShardId, VolumeId, WriteRequest, ZeroRequest,
+};
+use tonic::{Request, Response, Status};
+
+use crate::router::{MultiRaft, Replica};
+
+/// Where a chunk of a volume lives. The meta group's placement map will
+/// implement this; [`HashPlacement`] serves a fixed pool until then.
+pub trait ShardLocator: Send + Sync + 'static {
+    /// The shard holding `chunk` of `volume`, or why there is none
+    /// (`NO_SUCH_VOLUME`, `STALE_MAP`, ...).
+    fn locate(&self, volume: VolumeId, chunk: u64) -> Result<ShardId, ApiError>;
+
+    /// How `volume` is cut into chunks. Shard replicas read and write with
+    /// the default geometry today, so only that is supported.
+    fn geometry(&self, _volume: VolumeId) -> Geometry {
+        Geometry::default()
+    }
+}
+
+/// Every volume spread over one pool's shards
+/// `first_shard .. first_shard + shards` by `ballast_types::shard_index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashPlacement {
+    pub first_shard: u32,
+    pub shards: u32,
+}
+
+impl ShardLocator for HashPlacement {
+    fn locate(&self, volume: VolumeId, chunk: u64) -> Result<ShardId, ApiError> {
+        Ok(ShardId(self.first_shard + shard_index(volume, chunk, self.shards)))
+    }
+}
+
+/// Serves the Data API for one node.
+pub struct DataService<S: BlockStore> {
+    groups: Arc<MultiRaft<S>>,
+    locator: Arc<dyn ShardLocator>,
+}
+
+impl<S: BlockStore> DataService<S> {
+    pub fn new(groups: Arc<MultiRaft<S>>, locator: Arc<dyn ShardLocator>) -> Self {
+        Self { groups, locator }
+    }
+
+    /// The local replica of the shard holding `[offset, offset+len)`, which
+    /// must lie in one chunk.
+    fn route(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Arc<Replica<S>>, ApiError> {
+        let chunk_size = self.locator.geometry(volume).chunk_size;
+        let chunk = offset / chunk_size;
+        if (offset + len - 1) / chunk_size != chunk {
+            return Err(ApiError::new(
+                ErrorCode::OutOfRange,
+                format!("{offset}+{len} crosses a chunk boundary (chunk size {chunk_size})"),
+            ));
+        }
+        let shard = self.locator.locate(volume, chunk)?;
+        let group = GroupId::for_shard(shard);
+        // Not hosted here: the caller's placement is out of date; it refreshes
+        // on NOT_LEADER without a hint.
+        self.groups.get(group).ok_or_else(|| {
+            let mut e = ApiError::not_leader(None);
+            e.message = format!("{shard} ({group}) has no replica on this node");
+            e
+        })
+    }
+
+    async fn write(&self, w: WriteRequest) -> Result<(), ApiError> {
+        let replica = self.route(w.volume, w.offset, w.data.len() as u64)?;
+        let req = ShardRequest::Write { volume: w.volume, epoch: w.epoch.0, offset: w.offset, data: w.data };
+        applied(replica.group.write(req).await.map_err(api_error)?)
+    }
+
+    async fn zero(&self, z: ZeroRequest) -> Result<(), ApiError> {
+        let replica = self.route(z.volume, z.offset, z.length)?;
+        let req =
+            ShardRequest::Zero { volume: z.volume, epoch: z.epoch.0, offset: z.offset, len: z.length, punch: z.punch };
+        applied(replica.group.write(req).await.map_err(api_error)?)
+    }
+
+    async fn read(&self, r: RangeRequest) -> Result<ReadData, ApiError> {
+        let replica = self.route(r.volume, r.offset, r.length)?;
+        let found = replica.group.read(r.volume, r.offset, r.length).await.map_err(api_error)?;
+        let mut at = r.offset;
+        let mut segments = Vec::with_capacity(found.len());
+        for s in found {
+            let seg = match s {
+                Segment::Data(d) => ReadSegment::data(at, d),
+                Segment::Hole(n) => ReadSegment { offset: at, body: ballast_types::SegmentBody::Hole(n) },
+            };
+            at += seg.len();
+            if !seg.is_empty() {
+                segments.push(seg);
+            }
+        }
+        if at != r.offset + r.length {
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                format!("shard read covered {} of {} bytes", at - r.offset, r.length),
+            ));
+        }
+        Ok(ReadData { segments })
+    }
+
+    async fn block_status(&self, r: RangeRequest) -> Result<Vec<Extent>, ApiError> {
+        let chunk_size = self.locator.geometry(r.volume).chunk_size;
+        let chunk_end = (r.offset / chunk_size + 1) * chunk_size;
+        let len = r.length.min(chunk_end - r.offset);
+        let replica = self.route(r.volume, r.offset, len)?;
+        let runs = replica.group.extents(r.volume, r.offset, len).await.map_err(api_error)?;
+        let mut at = r.offset;
+        let mut extents: Vec<Extent> = Vec::with_capacity(runs.len());
+        for (length, allocated) in runs {
+            if length == 0 {
+                continue;
+            }
+            match extents.last_mut() {
+                Some(last) if last.hole != allocated => last.length += length,
+                _ => extents.push(Extent { offset: at, length, hole: !allocated }),
+            }
+            at += length;
+        }
+        Ok(extents)
+    }
+}
+
+/// What the state machine decided, as an API result.
+fn applied(r: ShardResponse) -> Result<(), ApiError> {
+    match r {
+        ShardResponse::Done => Ok(()),
+        ShardResponse::Fenced { current } => {
+            Err(ApiError::new(ErrorCode::Fenced, format!("a newer writer attached (epoch {current})")))
+        }
+        ShardResponse::Invalid { reason } => Err(ApiError::new(ErrorCode::Invalid, reason)),
+    }
+}
+
+fn hint(leader: Option<u64>, addr: Option<String>) -> Option<LeaderHint> {
+    leader.map(|l| LeaderHint { node: ballast_types::NodeId(l), addr: addr.unwrap_or_default() })
+}
+
+/// A replica's failure as the client must see it.
+pub fn api_error(e: ShardError) -> ApiError {
+    let code = match &e {
+        ShardError::NotLeader { leader, addr, .. } => return ApiError::not_leader(hint(*leader, addr.clone())),
+        // Writes are blind overwrites: retrying through the new leader is safe.
+        ShardError::OutcomeUnknown { leader: Some(l), addr, .. } => {
+            return ApiError::not_leader(hint(Some(*l), addr.clone()))
+        }
+        ShardError::OutcomeUnknown { .. } | ShardError::Unavailable { .. } => ErrorCode::Unavailable,
+        ShardError::Storage(StorageError::Corrupt { .. } | StorageError::Malformed { .. }) => ErrorCode::Corrupt,
+        ShardError::Storage(StorageError::Engine(_)) => ErrorCode::Unavailable,
+        ShardError::Storage(_) | ShardError::Rejected { .. } | ShardError::Codec(_) => ErrorCode::Internal,
+    };
+    if code == ErrorCode::Corrupt {
+        tracing::error!("stored data failed its checksum: {e}");
+    }
+    ApiError::new(code, e.to_string())
+}
+
+fn log_refusal(what: &str, e: &ApiError) {
+    match e.code {
+        ErrorCode::Internal | ErrorCode::Corrupt => tracing::warn!("{what} failed: {e}"),
+        _ => tracing::debug!("{what} refused: {e}"),
+    }
+}
+
+#[tonic::async_trait]
+impl<S: BlockStore> Data for DataService<S> {
+    async fn write(&self, request: Request<pb::WriteRequest>) -> Result<Response<pb::WriteReply>, Status> {
+        let r = match WriteRequest::try_from(request.into_inner()) {
+            Ok(w) => DataService::write(self, w).await,
+            Err(e) => Err(ApiError::from(e)),
+        };
+        if let Err(e) = &r {
+            log_refusal("write", e);
+        }
+        Ok(Response::new(r.into()))
+    }
+
+    async fn zero(&self, request: Request<pb::ZeroRequest>) -> Result<Response<pb::ZeroReply>, Status> {
+        let r = match ZeroRequest::try_from(request.into_inner()) {
+            Ok(z) => DataService::zero(self, z).await,
+            Err(e) => Err(ApiError::from(e)),
+        };
+        if let Err(e) = &r {
+            log_refusal("zero", e);
+        }
+        Ok(Response::new(r.into()))
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
+        let r = match RangeRequest::try_from(request.into_inner()) {
+            Ok(q) => DataService::read(self, q).await,
+            Err(e) => Err(ApiError::from(e)),
+        };
+        if let Err(e) = &r {
+            log_refusal("read", e);
+        }
+        Ok(Response::new(r.into()))
+    }
+
+    async fn block_status(
+        &self,
+        request: Request<pb::BlockStatusRequest>,
+    ) -> Result<Response<pb::BlockStatusReply>, Status> {
+        let r = match RangeRequest::try_from(request.into_inner()) {
+            Ok(q) => DataService::block_status(self, q).await,
+            Err(e) => Err(ApiError::from(e)),
+        };
+        if let Err(e) = &r {
+            log_refusal("block status", e);
+        }
+        Ok(Response::new(r.into()))
+    }
+
+    /// Acknowledged writes are already durable on a majority (the Raft log is
+    /// fsync'd before an entry commits), so a flush has nothing to wait for.
+    async fn flush(&self, _request: Request<pb::FlushRequest>) -> Result<Response<pb::FlushReply>, Status> {
+        Ok(Response::new(Ok(()).into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballast_types::{BlockKey, Retryable};
+
+    #[test]
+    fn shard_errors_become_the_codes_clients_act_on() {
+        let e = api_error(ShardError::NotLeader { group: 1, leader: Some(3), addr: Some("n3:7000".into()) });
+        assert_eq!(e.code, ErrorCode::NotLeader);
+        assert_eq!(e.leader_hint, Some(LeaderHint { node: ballast_types::NodeId(3), addr: "n3:7000".into() }));
+        let e = api_error(ShardError::OutcomeUnknown { group: 1, leader: Some(2), addr: None });
+        assert_eq!((e.code, e.leader_hint.map(|h| h.node.0)), (ErrorCode::NotLeader, Some(2)));
+        let e = api_error(ShardError::OutcomeUnknown { group: 1, leader: None, addr: None });
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        let key = BlockKey { shard: ShardId(0), volume: VolumeId(1), chunk: 0, block: 0 };
+        let e = api_error(ShardError::Storage(StorageError::Corrupt { key, stored: 1, computed: 2 }));
+        assert_eq!(e.code, ErrorCode::Corrupt);
+        assert!(!e.is_retryable());
+        assert_eq!(applied(ShardResponse::Fenced { current: 4 }).map_err(|e| e.code), Err(ErrorCode::Fenced));
+    }
+
+    #[test]
+    fn hash_placement_stays_inside_its_pool() {
+        let p = HashPlacement { first_shard: 10, shards: 4 };
+        for chunk in 0..256 {
+            let s = p.locate(VolumeId(9), chunk).expect("located");
+            assert!((10..14).contains(&s.0), "{s}");
+            assert_eq!(s.0 - 10, shard_index(VolumeId(9), chunk, 4));
+        }
+    }
+}

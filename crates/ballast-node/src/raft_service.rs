@@ -1,0 +1,185 @@
+//! The tonic `Raft` service: peer messages routed by group to this node's
+//! replicas. Every message is validated (`ballast-proto`) and its envelope
+//! checked — our cluster, addressed to this node, a group running here —
+//! before its payload is decoded. Refusals are typed errors in the reply
+//! (`WRONG_CLUSTER`, `INVALID`, `NOT_FOUND` for an unknown group,
+//! `UNAVAILABLE` when the replica's Raft stopped); the sender's openraft
+//! treats any of them as "no answer" and retries.
+
+use std::sync::Arc;
+
+use ballast_proto::pb::raft_server::Raft;
+use ballast_proto::{pb, SnapshotSequencer};
+use ballast_raft::types::{SnapshotMeta, Vote};
+use ballast_raft::{codec, ShardSnapshot, SnapshotReceiver};
+use ballast_storage::BlockStore;
+use ballast_types::{ApiError, ClusterId, ErrorCode, NodeHello, RaftEnvelope, RaftRequest, SnapshotChunk};
+use bytes::Bytes;
+use openraft::Snapshot;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::router::{MultiRaft, Replica};
+
+/// Serves node-to-node Raft traffic for one node.
+pub struct RaftService<S: BlockStore> {
+    cluster: ClusterId,
+    me: ballast_types::NodeId,
+    groups: Arc<MultiRaft<S>>,
+}
+
+impl<S: BlockStore> RaftService<S> {
+    pub fn new(cluster: ClusterId, me: ballast_raft::NodeId, groups: Arc<MultiRaft<S>>) -> Self {
+        Self { cluster, me: ballast_types::NodeId(me), groups }
+    }
+
+    /// The replica an envelope is for, or why this node refuses it.
+    fn route(&self, e: &RaftEnvelope) -> Result<Arc<Replica<S>>, ApiError> {
+        if e.cluster != self.cluster {
+            return Err(ApiError::new(
+                ErrorCode::WrongCluster,
+                format!("this node is in {}, not {}", self.cluster, e.cluster),
+            ));
+        }
+        if e.target != self.me {
+            return Err(ApiError::new(ErrorCode::Invalid, format!("message for {} reached {}", e.target, self.me)));
+        }
+        self.groups
+            .get(e.group)
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("{} does not run on {}", e.group, self.me)))
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Invalid, e.to_string())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, e.to_string())
+}
+
+/// The next validated chunk of a snapshot stream.
+async fn next(stream: &mut Streaming<pb::SnapshotChunk>) -> Result<Option<SnapshotChunk>, ApiError> {
+    match stream.message().await {
+        Ok(Some(m)) => SnapshotChunk::try_from(m).map(Some).map_err(ApiError::from),
+        Ok(None) => Ok(None),
+        Err(s) => Err(unavailable(format!("snapshot stream broken: {}", s.message()))),
+    }
+}
+
+fn encoded<T: serde::Serialize>(v: &T) -> Result<Bytes, ApiError> {
+    codec::encode(v).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+}
+
+fn reply(r: Result<Bytes, ApiError>) -> Result<Response<pb::RaftReply>, Status> {
+    if let Err(e) = &r {
+        tracing::debug!("raft call refused: {e}");
+    }
+    Ok(Response::new(pb::RaftReply::from(r)))
+}
+
+impl<S: BlockStore> RaftService<S> {
+    async fn append_entries(&self, m: pb::RaftRequest) -> Result<Bytes, ApiError> {
+        let req = RaftRequest::try_from(m).map_err(ApiError::from)?;
+        let replica = self.route(&req.envelope)?;
+        let rpc = codec::decode(&req.payload).map_err(invalid)?;
+        let resp = replica.group.raft().append_entries(rpc).await.map_err(unavailable)?;
+        encoded(&resp)
+    }
+
+    async fn vote(&self, m: pb::RaftRequest) -> Result<Bytes, ApiError> {
+        let req = RaftRequest::try_from(m).map_err(ApiError::from)?;
+        let replica = self.route(&req.envelope)?;
+        let rpc = codec::decode(&req.payload).map_err(invalid)?;
+        let resp = replica.group.raft().vote(rpc).await.map_err(unavailable)?;
+        encoded(&resp)
+    }
+
+    /// Spill the stream's frames to a file (on a blocking thread, two frames
+    /// of buffer), then install the file-backed snapshot.
+    async fn install_snapshot(&self, mut stream: Streaming<pb::SnapshotChunk>) -> Result<Bytes, ApiError> {
+        let mut seq = SnapshotSequencer::default();
+        let first = next(&mut stream).await?.ok_or_else(|| invalid("empty snapshot stream"))?;
+        seq.accept(&first).map_err(ApiError::from)?;
+        let replica = self.route(&first.envelope)?;
+        let start = first.start.clone().ok_or_else(|| invalid("first snapshot chunk without vote and meta"))?;
+        let vote: Vote = codec::decode(&start.vote).map_err(invalid)?;
+        let meta: SnapshotMeta = codec::decode(&start.meta).map_err(invalid)?;
+
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+        let dir = replica.snapshot_dir.clone();
+        let spill = tokio::task::spawn_blocking(move || {
+            let mut receiver = SnapshotReceiver::create(&dir)?;
+            while let Some(frame) = rx.blocking_recv() {
+                receiver.push(&frame)?;
+            }
+            Ok::<_, ballast_raft::SnapshotError>(receiver)
+        });
+        let mut chunk = Some(first);
+        let fed: Result<(), ApiError> = async {
+            while let Some(c) = chunk.take() {
+                if !c.data.is_empty() && tx.send(c.data).await.is_err() {
+                    // The spill thread failed; its error is reported below.
+                    break;
+                }
+                if c.done {
+                    break;
+                }
+                let c = next(&mut stream).await?.ok_or_else(|| unavailable("snapshot stream ended before `done`"))?;
+                seq.accept(&c).map_err(ApiError::from)?;
+                chunk = Some(c);
+            }
+            Ok(())
+        }
+        .await;
+        drop(tx);
+        let receiver = spill.await.map_err(unavailable)?.map_err(invalid);
+        let receiver = match (fed, receiver) {
+            (Ok(()), Ok(r)) if seq.is_complete() => r,
+            (fed, receiver) => {
+                if let Ok(r) = &receiver {
+                    let _ = std::fs::remove_file(r.path());
+                }
+                return Err(fed.err().or(receiver.err()).unwrap_or_else(|| invalid("snapshot stream incomplete")));
+            }
+        };
+        let snapshot: ShardSnapshot =
+            tokio::task::spawn_blocking(move || receiver.finish()).await.map_err(unavailable)?.map_err(invalid)?;
+        let resp =
+            replica.group.raft().install_full_snapshot(vote, Snapshot { meta, snapshot }).await.map_err(unavailable)?;
+        encoded(&resp)
+    }
+}
+
+#[tonic::async_trait]
+impl<S: BlockStore> Raft for RaftService<S> {
+    async fn hello(&self, request: Request<pb::NodeHello>) -> Result<Response<pb::NodeHelloReply>, Status> {
+        let r = NodeHello::try_from(request.into_inner()).map_err(ApiError::from).and_then(|h| {
+            h.check_version()?;
+            if h.cluster != self.cluster {
+                return Err(ApiError::new(ErrorCode::WrongCluster, format!("this node is in {}", self.cluster)));
+            }
+            Ok(NodeHello {
+                cluster: self.cluster,
+                node: self.me,
+                addr: String::new(),
+                protocol_version: ballast_types::PROTOCOL_VERSION,
+            })
+        });
+        Ok(Response::new(pb::NodeHelloReply::from(r)))
+    }
+
+    async fn append_entries(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        reply(RaftService::append_entries(self, request.into_inner()).await)
+    }
+
+    async fn vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        reply(RaftService::vote(self, request.into_inner()).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        reply(RaftService::install_snapshot(self, request.into_inner()).await)
+    }
+}

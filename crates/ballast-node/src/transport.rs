@@ -1,0 +1,189 @@
+//! The gRPC side of `ballast_raft::Transport`: node-to-node Raft messages for
+//! every group of this process over one HTTP/2 connection per peer.
+//!
+//! Each openraft message is encoded with `ballast_raft::codec` (versioned
+//! postcard) into the opaque `payload` of a `RaftRequest`; the envelope names
+//! cluster, sender, target and group so the receiver refuses misrouted
+//! traffic. A snapshot is a client-streaming `InstallSnapshot` call carrying
+//! **one `ShardSnapshot` frame per chunk** (the receiver relies on chunk
+//! boundaries being frame boundaries), vote and meta on the first chunk, and
+//! a final empty chunk with `done`. Memory stays bounded: frames are produced
+//! at most two ahead of the socket.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ballast_proto::pb::raft_client::RaftClient;
+use ballast_proto::{pb, ProtoError, Reply};
+use ballast_raft::types::{SnapshotMeta, Vote};
+use ballast_raft::{codec, BallastNode, FullSnapshot, NodeId, Transport, TransportError, TypeConfig};
+use ballast_types::{ClusterId, GroupId, RaftEnvelope, RaftRequest, SnapshotChunk, SnapshotStart};
+use bytes::Bytes;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a new connection may take before the call counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One node's Raft transport: a lazily connected channel per peer address,
+/// shared by every group.
+pub struct GrpcTransport {
+    cluster: ClusterId,
+    me: NodeId,
+    peers: Mutex<HashMap<String, RaftClient<Channel>>>,
+}
+
+impl GrpcTransport {
+    pub fn new(cluster: ClusterId, me: NodeId) -> Self {
+        Self { cluster, me, peers: Mutex::new(HashMap::new()) }
+    }
+
+    /// The client for `node`'s address; connects on first use and reconnects
+    /// by itself after the peer restarts.
+    fn client(&self, target: NodeId, node: &BallastNode) -> Result<RaftClient<Channel>, TransportError> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = peers.get(&node.addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{}", node.addr))
+            .map_err(|e| TransportError::Unreachable { target, reason: format!("bad address {:?}: {e}", node.addr) })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let client = RaftClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(ballast_proto::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(ballast_proto::MAX_MESSAGE_SIZE);
+        peers.insert(node.addr.clone(), client.clone());
+        Ok(client)
+    }
+
+    fn envelope(&self, target: NodeId, group: GroupId) -> RaftEnvelope {
+        RaftEnvelope {
+            cluster: self.cluster,
+            from: ballast_types::NodeId(self.me),
+            target: ballast_types::NodeId(target),
+            group,
+        }
+    }
+
+    fn request<Q: Serialize>(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        rpc: &Q,
+        timeout: Duration,
+    ) -> Result<tonic::Request<pb::RaftRequest>, TransportError> {
+        let payload = codec::encode(rpc).map_err(|e| remote(target, &e))?;
+        let msg = pb::RaftRequest::from(RaftRequest { envelope: self.envelope(target, group), payload });
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(timeout);
+        Ok(req)
+    }
+}
+
+fn remote(target: NodeId, e: &dyn std::fmt::Display) -> TransportError {
+    TransportError::Remote { target, reason: e.to_string() }
+}
+
+/// A failed call as openraft's transport sees it.
+fn call_error(target: NodeId, timeout: Option<Duration>, status: tonic::Status) -> TransportError {
+    match (status.code(), timeout) {
+        (tonic::Code::DeadlineExceeded, Some(after)) => TransportError::Timeout { target, after },
+        (tonic::Code::Unavailable | tonic::Code::Unknown, _)
+            if ballast_proto::api_error_from_status(&status).is_none() =>
+        {
+            TransportError::Unreachable { target, reason: status.message().to_string() }
+        }
+        _ => remote(target, &ProtoError::from(status)),
+    }
+}
+
+/// Decode a `RaftReply` into the openraft response it carries.
+fn decode_reply<R: DeserializeOwned>(target: NodeId, reply: pb::RaftReply) -> Result<R, TransportError> {
+    let payload = reply.into_result().map_err(|e| remote(target, &e))?;
+    codec::decode(&payload).map_err(|e| remote(target, &e))
+}
+
+/// Run a unary call within `timeout` (the deadline also travels to the server).
+async fn unary<R: DeserializeOwned>(
+    target: NodeId,
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<pb::RaftReply>, tonic::Status>>,
+) -> Result<R, TransportError> {
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(TransportError::Timeout { target, after: timeout }),
+        Ok(Err(status)) => Err(call_error(target, Some(timeout), status)),
+        Ok(Ok(resp)) => decode_reply(target, resp.into_inner()),
+    }
+}
+
+impl Transport for GrpcTransport {
+    async fn append_entries(
+        &self,
+        target: NodeId,
+        node: &BallastNode,
+        group: u64,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, TransportError> {
+        let mut client = self.client(target, node)?;
+        let req = self.request(target, GroupId(group), &rpc, timeout)?;
+        unary(target, timeout, client.append_entries(req)).await
+    }
+
+    async fn vote(
+        &self,
+        target: NodeId,
+        node: &BallastNode,
+        group: u64,
+        rpc: VoteRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> Result<VoteResponse<TypeConfig>, TransportError> {
+        let mut client = self.client(target, node)?;
+        let req = self.request(target, GroupId(group), &rpc, timeout)?;
+        unary(target, timeout, client.vote(req)).await
+    }
+
+    async fn full_snapshot(
+        &self,
+        target: NodeId,
+        node: &BallastNode,
+        group: u64,
+        vote: Vote,
+        snapshot: FullSnapshot,
+    ) -> Result<SnapshotResponse<TypeConfig>, TransportError> {
+        let mut client = self.client(target, node)?;
+        let envelope = self.envelope(target, GroupId(group));
+        let meta: &SnapshotMeta = &snapshot.meta;
+        let start = SnapshotStart {
+            vote: codec::encode(&vote).map_err(|e| remote(target, &e))?,
+            meta: codec::encode(meta).map_err(|e| remote(target, &e))?,
+        };
+        let frames = snapshot.snapshot.into_frames();
+        // State of the outgoing stream: frames left, next offset, the start
+        // (taken by the first chunk), and whether `done` was sent.
+        let state = (frames, 0u64, Some(start), false);
+        let chunks = futures::stream::unfold(state, move |(mut frames, offset, mut start, finished)| async move {
+            if finished {
+                return None;
+            }
+            let (data, done) = match frames.recv().await {
+                Some(Ok(frame)) => (frame, false),
+                None => (Bytes::new(), true),
+                Some(Err(e)) => {
+                    // Ending without `done` makes the receiver discard what it got.
+                    tracing::warn!(group, target, "snapshot frames failed, stream cut: {e}");
+                    return None;
+                }
+            };
+            let len = data.len() as u64;
+            let chunk = SnapshotChunk { envelope, offset, start: start.take(), data, done };
+            Some((pb::SnapshotChunk::from(chunk), (frames, offset + len, start, done)))
+        });
+        let reply =
+            client.install_snapshot(tonic::Request::new(chunks)).await.map_err(|s| call_error(target, None, s))?;
+        decode_reply(target, reply.into_inner())
+    }
+}
