@@ -93,7 +93,7 @@ fn bad_arguments_get_one_readable_line_and_no_panic() {
     ];
     for args in cases {
         let args: Vec<String> = args.iter().map(|a| a.replace("DIR", &dir.path().display().to_string())).collect();
-        let out = run_capture(&mut Command::new(env!("CARGO_BIN_EXE_ballast")).args(&args), Duration::from_secs(20));
+        let out = run_capture(Command::new(env!("CARGO_BIN_EXE_ballast")).args(&args), Duration::from_secs(20));
         let stderr = out.stderr.trim();
         assert!(!out.status.success(), "{args:?} must fail");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: one line expected, got:\n{stderr}");
