@@ -42,11 +42,21 @@ pub struct ServerConfig {
     pub preferred_block: u32,
     /// Largest read or write payload accepted, and advertised as such.
     pub max_block: u32,
+    /// Payload bytes (write data and read results) one connection may hold in
+    /// flight; a request that would exceed it waits. Raised to at least
+    /// `max_block` so one maximal request always fits.
+    pub max_in_flight_bytes: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { max_in_flight: 64, min_block: 512, preferred_block: 4096, max_block: 32 * 1024 * 1024 }
+        Self {
+            max_in_flight: 64,
+            min_block: 512,
+            preferred_block: 4096,
+            max_block: 32 * 1024 * 1024,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+        }
     }
 }
 

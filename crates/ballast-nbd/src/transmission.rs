@@ -37,6 +37,22 @@ struct Ctx<D> {
     structured: bool,
     base_allocation: bool,
     max_block: u32,
+    /// Payload budget of the connection, in KiB permits.
+    bytes: Arc<Semaphore>,
+}
+
+/// Permits of the byte budget are KiB: enough resolution, and a 32 MiB
+/// request stays far below `Semaphore::MAX_PERMITS`.
+const BUDGET_UNIT: u32 = 1024;
+
+/// Reserve budget for a payload of `len` bytes (the read result or write data).
+async fn reserve<D>(ctx: &Ctx<D>, len: u32) -> Result<OwnedSemaphorePermit, NbdError> {
+    let units = len.div_ceil(BUDGET_UNIT).max(1);
+    ctx.bytes
+        .clone()
+        .acquire_many_owned(units)
+        .await
+        .map_err(|_| NbdError::Io(std::io::Error::other("semaphore closed")))
 }
 
 /// A finished reply on its way to the writer, holding its in-flight permit so
@@ -44,6 +60,7 @@ struct Ctx<D> {
 struct Outgoing {
     parts: Vec<Bytes>,
     _permit: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 /// A validated command (write payload read separately).
@@ -144,7 +161,7 @@ enum Incoming {
     /// A request that failed validation (its payload, if any, was drained).
     Rejected { header: RequestHeader, errno: u32 },
     /// A request to run.
-    Job { cookie: u64, job: Job },
+    Job { cookie: u64, job: Job, bytes: Option<OwnedSemaphorePermit> },
 }
 
 /// Read a request header; `None` on a clean EOF before its first byte.
@@ -183,8 +200,9 @@ async fn next_request<D, R: AsyncRead + Unpin>(ctx: &Ctx<D>, r: &mut R) -> Resul
         // The payload is on the wire whatever we think of the request.
         match cmd {
             Ok(Command::Write { offset, len, fua }) => {
+                let bytes = Some(reserve(ctx, len).await?);
                 let data = read_payload(r, len).await?;
-                return Ok(Incoming::Job { cookie: header.cookie, job: Job::Write { offset, data, fua } });
+                return Ok(Incoming::Job { cookie: header.cookie, job: Job::Write { offset, data, fua }, bytes });
             }
             _ => discard(r, u64::from(header.len), "a write payload").await?,
         }
@@ -193,17 +211,22 @@ async fn next_request<D, R: AsyncRead + Unpin>(ctx: &Ctx<D>, r: &mut R) -> Resul
     Ok(match cmd {
         Err(errno) => Incoming::Rejected { header, errno },
         Ok(Command::Disc) => Incoming::Disc,
-        Ok(Command::Read { offset, len, df }) => Incoming::Job { cookie, job: Job::Read { offset, len, df } },
+        Ok(Command::Read { offset, len, df }) => {
+            let bytes = Some(reserve(ctx, len).await?);
+            Incoming::Job { cookie, job: Job::Read { offset, len, df }, bytes }
+        }
         // Handled above; unreachable in practice, answered safely if not.
         Ok(Command::Write { .. }) => Incoming::Rejected { header, errno: EINVAL },
-        Ok(Command::Flush) => Incoming::Job { cookie, job: Job::Flush },
-        Ok(Command::Trim { offset, len, fua }) => Incoming::Job { cookie, job: Job::Trim { offset, len, fua } },
-        Ok(Command::Cache { offset, len }) => Incoming::Job { cookie, job: Job::Cache { offset, len } },
+        Ok(Command::Flush) => Incoming::Job { cookie, job: Job::Flush, bytes: None },
+        Ok(Command::Trim { offset, len, fua }) => {
+            Incoming::Job { cookie, job: Job::Trim { offset, len, fua }, bytes: None }
+        }
+        Ok(Command::Cache { offset, len }) => Incoming::Job { cookie, job: Job::Cache { offset, len }, bytes: None },
         Ok(Command::WriteZeroes { offset, len, may_trim, fast, fua }) => {
-            Incoming::Job { cookie, job: Job::WriteZeroes { offset, len, may_trim, fast, fua } }
+            Incoming::Job { cookie, job: Job::WriteZeroes { offset, len, may_trim, fast, fua }, bytes: None }
         }
         Ok(Command::BlockStatus { offset, len, req_one }) => {
-            Incoming::Job { cookie, job: Job::BlockStatus { offset, len, req_one } }
+            Incoming::Job { cookie, job: Job::BlockStatus { offset, len, req_one }, bytes: None }
         }
     })
 }
@@ -241,6 +264,10 @@ where
         structured: neg.structured,
         base_allocation: neg.base_allocation,
         max_block: config.max_block,
+        bytes: Arc::new(Semaphore::new(
+            (config.max_in_flight_bytes.max(config.max_block as usize) / BUDGET_UNIT as usize)
+                .clamp(1, Semaphore::MAX_PERMITS),
+        )),
     });
     let permits = config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
     let sem = Arc::new(Semaphore::new(permits));
@@ -283,9 +310,9 @@ where
             Incoming::Rejected { header, errno } => {
                 debug!(?header, errno, "NBD request rejected");
                 let parts = error_parts(&ctx, header.cookie, header.typ, errno, "invalid request");
-                let _ = tx.send(Outgoing { parts, _permit: permit });
+                let _ = tx.send(Outgoing { parts, _permit: permit, _bytes: None });
             }
-            Incoming::Job { cookie, job } => {
+            Incoming::Job { cookie, job, bytes } => {
                 let ctx = ctx.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -298,7 +325,7 @@ where
                         }
                     };
                     // The writer is gone only if the connection is closing.
-                    let _ = tx.send(Outgoing { parts, _permit: permit });
+                    let _ = tx.send(Outgoing { parts, _permit: permit, _bytes: bytes });
                 });
             }
         }
@@ -513,6 +540,7 @@ mod tests {
             structured,
             base_allocation: true,
             max_block: 1 << 16,
+            bytes: Arc::new(Semaphore::new(1024)),
         }
     }
 

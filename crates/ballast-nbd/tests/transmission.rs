@@ -107,6 +107,44 @@ async fn in_flight_is_bounded() {
     server_result(h).await.unwrap();
 }
 
+/// Large payloads are bounded by bytes, not only by request count.
+#[tokio::test]
+async fn in_flight_bytes_are_bounded() {
+    const LEN: u32 = 64 * 1024;
+    let config = ServerConfig {
+        max_in_flight: 64,
+        max_block: LEN,
+        max_in_flight_bytes: 2 * LEN as usize,
+        ..ServerConfig::default()
+    };
+    let (vol, _, server) = setup_with(config);
+    for i in 0..8u64 {
+        vol.set_delay(i * LEN as u64, Duration::from_millis(30));
+    }
+    let (mut s, h) = connect(&server);
+    open(&mut s, "vol", false, false).await;
+    let mut all = Vec::new();
+    for i in 0..8u64 {
+        all.extend(request(0, CMD_WRITE, i, i * LEN as u64, LEN));
+        all.extend(vec![i as u8; LEN as usize]);
+    }
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        wr.write_all(&all).await.unwrap();
+        wr
+    });
+    for _ in 0..8 {
+        let mut hdr = [0u8; 16];
+        rd.read_exact(&mut hdr).await.unwrap();
+        assert_eq!(&hdr[4..8], &[0, 0, 0, 0]);
+    }
+    let max = vol.max_in_flight_seen.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&max), "max in flight {max} with a budget of two payloads");
+    drop(writer.await.unwrap());
+    drop(rd);
+    server_result(h).await.unwrap();
+}
+
 /// Every validation error, each followed by proof the connection still works.
 #[tokio::test]
 async fn validation_errors_keep_the_connection() {
