@@ -9,4 +9,14 @@ export CARGO_TERM_COLOR=never
 echo "== cargo fmt"; cargo fmt --all -- --check
 echo "== cargo build"; cargo build --workspace --all-targets
 echo "== cargo clippy"; cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo test"; cargo test --workspace --no-fail-fast -- "$@"
+echo "== cargo test"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --no-fail-fast -- "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, g }' "$log"
+exit "$status"
