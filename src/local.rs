@@ -210,10 +210,6 @@ impl LocalDevice {
         &self.inner.info
     }
 
-    fn clone_handle(&self) -> Self {
-        self.clone()
-    }
-
     fn view(&self) -> VolumeView<'_, RocksStore> {
         VolumeView::new(&self.inner.store, ShardId(0), self.inner.info.id, self.inner.geometry)
     }
@@ -261,7 +257,7 @@ impl BlockDevice for LocalDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadSegment>, DeviceError> {
-        let me = self.clone_handle();
+        let me = self.clone();
         blocking(move || {
             let segs = me.view().read(offset, len as u64).map_err(io_err)?;
             Ok(segs
@@ -276,7 +272,7 @@ impl BlockDevice for LocalDevice {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
-        let me = self.clone_handle();
+        let me = self.clone();
         blocking(move || me.apply(offset, data.len() as u64, fua, |v| v.write(offset, &data))).await
     }
 
@@ -290,12 +286,12 @@ impl BlockDevice for LocalDevice {
     ) -> Result<(), DeviceError> {
         // Zeroing is never slower than writing here: whole blocks are metadata
         // deletes or constant buffers, so FAST_ZERO always succeeds.
-        let me = self.clone_handle();
+        let me = self.clone();
         blocking(move || me.apply(offset, len as u64, fua, |v| v.zero(offset, len as u64, may_trim))).await
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), DeviceError> {
-        let me = self.clone_handle();
+        let me = self.clone();
         blocking(move || me.apply(offset, len as u64, fua, |v| v.zero(offset, len as u64, true))).await
     }
 
@@ -310,7 +306,7 @@ impl BlockDevice for LocalDevice {
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, DeviceError> {
-        let me = self.clone_handle();
+        let me = self.clone();
         let len = (len as u64).min(MAX_STATUS_SPAN);
         blocking(move || {
             let ext = me.view().extents(offset, len).map_err(io_err)?;
