@@ -148,7 +148,9 @@ fn assert_fio_ok(what: &str, out: &Output) {
     for bad in ["verify: bad", "verify failed", "bad magic", "crc32c: verify", "io_u error", "fio: pid"] {
         assert!(!out.text.contains(bad), "{what}: fio printed {bad:?}\n{}", out.text);
     }
-    eprintln!("[ballast-client test] {what}: fio ok in {:.1?}", out.elapsed);
+    let summary: Vec<&str> =
+        out.text.lines().filter(|l| l.contains("READ:") || l.contains("WRITE:")).map(str::trim).collect();
+    eprintln!("[ballast-client test] {what}: fio ok in {:.1?} {summary:?}", out.elapsed);
 }
 
 fn leader_of(nodes: &BTreeMap<NodeId, NodeHandle>, group: GroupId) -> Option<NodeId> {
@@ -249,7 +251,9 @@ async fn nbd_clients_read_and_write_a_replicated_volume_through_leader_loss() {
     assert_fio_ok("randrw 64M", &out);
 
     // Second fio (bounded) while the node leading shard 0 goes away.
-    let pass2 = ["--rw=randwrite", "--offset=80M", "--size=32M", "--runtime=180"];
+    // `verify_backlog` makes fio read back and check while it writes, so reads
+    // cross the failover too; `runtime` bounds the pass.
+    let pass2 = ["--rw=randwrite", "--offset=80M", "--size=40M", "--verify_backlog=512", "--runtime=180"];
     let cmd = fio(&uri, work.path(), "failover", &pass2);
     let during = tokio::task::spawn_blocking(move || run(cmd, Duration::from_secs(240)));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -262,18 +266,27 @@ async fn nbd_clients_read_and_write_a_replicated_volume_through_leader_loss() {
         assert!(Instant::now() < deadline, "no leader of {g0}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    assert!(!during.is_finished(), "fio finished before the leader loss; make the pass larger");
     eprintln!("[ballast-client test] shutting down node {victim}, leader of {g0}, while fio runs");
     nodes.remove(&victim).expect("victim").shutdown().await.expect("shutdown");
     let out = during.await.expect("fio thread");
-    assert_fio_ok("randwrite 32M through leader loss", &out);
+    assert_fio_ok("randwrite 40M (verify backlog) through leader loss", &out);
     assert!(leader_of(&nodes, g0).is_some_and(|l| l != victim), "a new leader of {g0}");
 
     // Everything reads back on the surviving nodes.
     let out = blocking(qemu_io(&uri, &["read -P 0x5a 4190208 16384"]), Duration::from_secs(60)).await;
     assert_qemu_ok(&out);
-    let verify2 = ["--rw=randwrite", "--offset=80M", "--size=32M", "--verify_only"];
+    let verify2 = ["--rw=randwrite", "--offset=80M", "--size=40M", "--verify_backlog=512", "--verify_only"];
     let out = blocking(fio(&uri, work.path(), "failover", &verify2), Duration::from_secs(240)).await;
     assert_fio_ok("verify_only of the failover pass", &out);
+    // Control: the same check over a range fio never wrote (it reads zeros)
+    // must fail, so the passes above really compared bytes.
+    let control = ["--rw=randwrite", "--offset=120M", "--size=8M", "--verify_only"];
+    let out = blocking(fio(&uri, work.path(), "failover", &control), Duration::from_secs(240)).await;
+    assert!(!out.ok, "fio verify_only with the wrong seed passed: verification is not checking\n{}", out.text);
+    let verify1 = ["--rw=randrw", "--rwmixread=50", size[0], size[1], "--verify_only"];
+    let out = blocking(fio(&uri, work.path(), "randrw", &verify1), Duration::from_secs(240)).await;
+    assert_fio_ok("verify_only of the randrw pass", &out);
 
     let _ = stop_tx.send(());
     serving.await.expect("server task").expect("serve");
