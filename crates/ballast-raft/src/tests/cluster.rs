@@ -123,12 +123,11 @@ async fn three_replicas_survive_leader_loss_and_a_restarted_replica_catches_up()
     let restarted = start_node(&router, killed_id, &killed_dir, &config).await;
     let target = last_applied(lead);
     wait_applied(&restarted, target).await;
-    let want = shard_blocks(&lead.store);
-    assert!(!want.is_empty());
-    assert!(shard_blocks(&restarted.store) == want, "restarted replica differs from the leader (BALLAST_SEED={seed})");
+    assert!(!shard_blocks(&lead.store).is_empty());
+    converge(&restarted, lead, seed).await;
     for n in &nodes {
         wait_applied(n, target).await;
-        assert!(shard_blocks(&n.store) == want, "node {} differs (BALLAST_SEED={seed})", n.id);
+        converge(n, lead, seed).await;
     }
 
     // Isolate the current leader: the rest elect another, and the restarted
@@ -218,7 +217,7 @@ async fn a_replica_behind_a_purged_log_catches_up_by_snapshot() {
     let m = newcomer.shard.raft().metrics().borrow_watched().clone();
     assert!(m.snapshot.is_some(), "the newcomer installed a snapshot");
     assert!(m.purged.is_some() || m.snapshot.map(|s| s.index) >= Some(applied));
-    assert!(shard_blocks(&newcomer.store) == shard_blocks(&lead.store), "newcomer differs (BALLAST_SEED={seed})");
+    converge(newcomer, lead, seed).await;
 
     // Promote it and read through it once it leads.
     lead.shard.raft().change_membership([1, 2, 3], false).await.expect("promote");
@@ -232,9 +231,21 @@ async fn a_replica_behind_a_purged_log_catches_up_by_snapshot() {
     let lead = nodes.iter().find(|n| n.id == l).expect("leader");
     write_through(lead, req).await;
     wait_applied(&n3, last_applied(lead)).await;
-    assert!(shard_blocks(&n3.store) == shard_blocks(&lead.store), "restarted newcomer differs (BALLAST_SEED={seed})");
+    converge(&n3, lead, seed).await;
     nodes.push(n3);
     for n in nodes {
         kill(&router, n).await;
     }
+}
+
+/// A replica's blocks become identical to the leader's once it has caught up.
+/// Its applied index can reach the target while a snapshot install it was
+/// sent on restart is still being replayed (observed: up to ~150 ms under
+/// load), so the check is "equal within a deadline", with no writes meanwhile.
+async fn converge(replica: &Node, lead: &Node, seed: u64) {
+    let what = format!("node {} to hold the same blocks as node {} (BALLAST_SEED={seed})", replica.id, lead.id);
+    wait_for(&what, Duration::from_secs(10), async || {
+        (shard_blocks(&replica.store) == shard_blocks(&lead.store)).then_some(())
+    })
+    .await;
 }
