@@ -440,7 +440,8 @@ fn fio_nbd_engine_mixed_random_io_verifies_crc32c_single_and_multi_connection() 
             // Overlapping in-flight writes may land in either order; keep
             // verification deterministic.
             "--serialize_overlap=1".into(),
-            format!("--randseed={seed}"),
+            // fio parses the seed as a signed 64-bit number.
+            format!("--randseed={}", seed & (i64::MAX as u64)),
         ]
     };
     let (mut read, mut written, mut elapsed) = (0u64, 0u64, Duration::ZERO);
