@@ -19,6 +19,10 @@ use std::time::{Duration, Instant};
 
 use ballast::local::LocalVolumes;
 
+mod clients;
+#[allow(unused_imports)]
+pub use clients::*;
+
 /// Size of the default read-write export `disk`.
 pub const DISK_SIZE: u64 = 1 << 30;
 /// Size of the read-only export `ro`.

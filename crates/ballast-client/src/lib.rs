@@ -1,53 +1,74 @@
-//! The Ballast thin client: a volume of the replicated store as a
-//! [`ballast_nbd::BlockDevice`].
+//! The Ballast thin client: the Admin API of a cluster, and a volume of the
+//! replicated store as a [`ballast_nbd::BlockDevice`].
 //!
 //! Read first: [`RemoteVolume`] (how one NBD request becomes per-chunk Data
 //! RPCs), then [`ClientPool`] (channels and the leader cache shared by every
 //! volume) and [`Placement`] (which shard holds a chunk, and which nodes may
-//! serve it).
+//! serve it). [`AdminClient`] talks to the meta group through any node;
+//! [`MapPlacement`] routes with the cluster's placement map and
+//! [`ClusterExports`] serves the cluster's volumes to an NBD server.
 //!
 //! Routing: a request is cut at chunk boundaries ([`Geometry::chunk_spans`]);
 //! every piece goes to the cached leader of its shard, all pieces concurrently.
 //! `NOT_LEADER` with a hint moves the cache to the hinted address; without
-//! one, and on `UNAVAILABLE`, transport failures or a per-RPC timeout, the
-//! client forgets the leader and rotates through the shard's nodes with a
-//! short, growing backoff, until the per-request deadline
+//! one, and on `UNAVAILABLE`, `STALE_MAP`, transport failures or a per-RPC
+//! timeout, the client forgets the leader and rotates through the shard's
+//! nodes with a short, growing backoff, until the per-request deadline
 //! ([`ClientConfig::request_deadline`], 30 s by default). So a leader failover
-//! stalls I/O for a few seconds and returns no error.
+//! stalls I/O for a few seconds and returns no error. Whenever a node's answer
+//! suggests the placement is out of date, the client tells the [`Placement`]
+//! ([`Placement::stale`]), which may refetch the map in the background.
 //!
 //! Errors that retrying cannot fix are returned at once: `FENCED` (another
 //! writer attached: `NotPermitted`), `CORRUPT` (`Io`), `OUT_OF_RANGE` and
 //! `INVALID` (`Invalid`). Writes are blind overwrites, so resending one whose
-//! outcome is unknown is safe.
+//! outcome is unknown is safe. Admin calls are not all idempotent: see
+//! [`AdminClient`].
+//!
+//! Protobuf stops inside this crate: every public type speaks
+//! `ballast_types`.
+//!
+//! [`Geometry::chunk_spans`]: ballast_types::Geometry::chunk_spans
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ballast_nbd::{BlockDevice, DeviceError, DeviceErrorKind, ExportProvider, Extent, ReadSegment};
-use ballast_proto::pb::data_client::DataClient;
-use ballast_proto::{pb, ProtoError, Reply};
-use ballast_types::{
-    shard_index, validate_extents, ApiError, Epoch, ErrorCode, Geometry, RangeRequest, Retryable, SegmentBody, ShardId,
-    VolumeId, WriteRequest, ZeroRequest,
-};
-use bytes::Bytes;
-use futures::future::try_join_all;
-use tonic::transport::{Channel, Endpoint};
+use ballast_types::{shard_index, ApiError, ShardId, VolumeId};
+
+mod admin;
+mod error;
+mod exports;
+mod map;
+mod volume;
+
+pub use admin::AdminClient;
+pub use error::ClientError;
+pub use exports::ClusterExports;
+pub use map::MapPlacement;
+pub use volume::{ClientPool, RemoteExports, RemoteVolume, VolumeSpec};
 
 /// Where the chunks of a volume live, as far as the client knows.
 ///
-/// The meta group's placement map will implement this; [`HashPlacement`]
-/// serves a fixed pool (the same hash as `ballast_node::HashPlacement`).
+/// Called on the I/O path of every request, so implementations answer from
+/// memory and never block on the network: [`MapPlacement`] serves the
+/// cluster's placement map, [`HashPlacement`] a fixed pool (the same hash as
+/// `ballast_node::HashPlacement`).
 pub trait Placement: Send + Sync + 'static {
     /// The shard holding `chunk` of `volume`.
     fn shard_of(&self, volume: VolumeId, chunk: u64) -> Result<ShardId, ApiError>;
 
-    /// Addresses (`host:port`) of the nodes that may serve `shard`; the client
-    /// tries them in turn when it does not know the leader.
+    /// Addresses (`host:port`) of the nodes that may serve `shard`, the most
+    /// likely leader first; the client tries the first one when it does not
+    /// know the leader, then the others in turn.
     fn nodes(&self, shard: ShardId) -> Vec<String>;
+
+    /// The caller saw evidence the map is out of date for this shard (a node
+    /// answered `NOT_LEADER` without a usable hint, `STALE_MAP` or
+    /// `NO_SUCH_VOLUME`, or did not answer). Must return at once; an
+    /// implementation may start a refresh in the background. A fixed
+    /// placement ignores it.
+    fn stale(&self, shard: ShardId) {
+        let _ = shard;
+    }
 }
 
 /// Every volume spread over shards `first_shard .. first_shard + shards` by
@@ -69,10 +90,11 @@ impl Placement for HashPlacement {
     }
 }
 
-/// Timeouts and retry pacing of the client.
+/// Timeouts and retry pacing of the client, for Data and Admin calls alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientConfig {
-    /// How long one device call may keep retrying before it fails with `Io`.
+    /// How long one device call or Admin call may keep retrying before it
+    /// fails (`Io` for a device, [`ClientError::Unreachable`] for Admin).
     pub request_deadline: Duration,
     /// Longest wait for one RPC; a node that does not answer in time is
     /// treated like an unreachable one.
@@ -96,415 +118,27 @@ impl Default for ClientConfig {
     }
 }
 
-/// One lazily connected tonic channel per node address and the last known
-/// leader of every shard, shared by all volumes of a process.
-pub struct ClientPool {
-    config: ClientConfig,
-    channels: Mutex<HashMap<String, DataClient<Channel>>>,
-    leaders: Mutex<HashMap<ShardId, String>>,
-    next: AtomicUsize,
+/// The pause between attempts: `min_backoff`, doubling up to `max_backoff`.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
 }
 
-impl ClientPool {
-    pub fn new(config: ClientConfig) -> Arc<Self> {
-        Arc::new(Self {
-            config,
-            channels: Mutex::new(HashMap::new()),
-            leaders: Mutex::new(HashMap::new()),
-            next: AtomicUsize::new(0),
-        })
+impl Backoff {
+    pub(crate) fn new(config: &ClientConfig) -> Self {
+        Self { next: config.min_backoff, max: config.max_backoff }
     }
 
-    pub fn config(&self) -> &ClientConfig {
-        &self.config
+    /// The next pause, advancing the sequence.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
     }
 
-    /// The Data client for `addr` (the channel is created on first use and
-    /// connects lazily; it reconnects by itself after a failure).
-    pub fn client(&self, addr: &str) -> Result<DataClient<Channel>, DeviceError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
-        }
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| DeviceError::new(DeviceErrorKind::Io, format!("bad node address {addr:?}: {e}")))?
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true);
-        let client = DataClient::new(ep.connect_lazy())
-            .max_decoding_message_size(ballast_proto::MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(ballast_proto::MAX_MESSAGE_SIZE);
-        channels.insert(addr.to_string(), client.clone());
-        Ok(client)
-    }
-
-    /// The cached leader of `shard`, if any.
-    pub fn leader(&self, shard: ShardId) -> Option<String> {
-        self.leaders.lock().unwrap_or_else(|e| e.into_inner()).get(&shard).cloned()
-    }
-
-    fn set_leader(&self, shard: ShardId, addr: &str) {
-        let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
-        if leaders.get(&shard).map(String::as_str) != Some(addr) {
-            leaders.insert(shard, addr.to_string());
-        }
-    }
-
-    /// Forget `addr` as the leader of `shard` (unless another caller has
-    /// already learned a different one).
-    fn forget_leader(&self, shard: ShardId, addr: &str) {
-        let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
-        if leaders.get(&shard).map(String::as_str) == Some(addr) {
-            leaders.remove(&shard);
-        }
-    }
-
-    fn rotate(&self) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// What the client needs to know about one attached volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VolumeSpec {
-    pub id: VolumeId,
-    /// Logical size in bytes.
-    pub size: u64,
-    /// The attach epoch: writes carry it, shards refuse older ones (`FENCED`).
-    pub epoch: Epoch,
-    pub geometry: Geometry,
-    pub read_only: bool,
-}
-
-impl VolumeSpec {
-    /// A writable volume with the default 4 MiB chunks.
-    pub fn new(id: VolumeId, size: u64, epoch: Epoch) -> Self {
-        Self { id, size, epoch, geometry: Geometry::default(), read_only: false }
-    }
-}
-
-/// Largest range one `block_status` call reports on (NBD allows a short
-/// answer), so one call is at most this many chunk RPCs.
-const MAX_STATUS_CHUNKS: u64 = 16;
-
-/// One replicated volume as an NBD block device.
-///
-/// **Durability (FUA and FLUSH).** A write, zero or trim returns only after
-/// every chunk piece was acknowledged by its shard leader, and a leader
-/// acknowledges only once the Raft entry is committed, i.e. fsync'd in the
-/// logs of a majority of replicas. Every completed write is therefore
-/// already on stable storage: `fua` needs no extra work and
-/// [`BlockDevice::flush`] has nothing to wait for, on any connection.
-///
-/// **Atomicity per block.** Read-modify-write of partial blocks happens in
-/// the shard's state machine, which applies entries one at a time, so two
-/// concurrent sub-block writes to one block never tear.
-pub struct RemoteVolume {
-    spec: VolumeSpec,
-    placement: Arc<dyn Placement>,
-    pool: Arc<ClientPool>,
-}
-
-impl RemoteVolume {
-    pub fn new(spec: VolumeSpec, placement: Arc<dyn Placement>, pool: Arc<ClientPool>) -> Self {
-        Self { spec, placement, pool }
-    }
-
-    pub fn spec(&self) -> &VolumeSpec {
-        &self.spec
-    }
-
-    /// Call `f` on the leader of the shard holding `chunk`, following hints
-    /// and retrying what is retryable until the request deadline.
-    async fn call<T, F, Fut>(&self, chunk: u64, deadline: Instant, what: &str, f: F) -> Result<T, DeviceError>
-    where
-        F: Fn(DataClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<T, ProtoError>>,
-    {
-        let shard = self.placement.shard_of(self.spec.id, chunk).map_err(|e| device_error(&e))?;
-        let cfg = *self.pool.config();
-        let mut backoff = cfg.min_backoff;
-        let mut hops = 0u32;
-        let mut last = String::from("no attempt");
-        loop {
-            let addr = match self.pool.leader(shard) {
-                Some(a) => a,
-                None => {
-                    let nodes = self.placement.nodes(shard);
-                    if nodes.is_empty() {
-                        return Err(DeviceError::new(DeviceErrorKind::Io, format!("no node known for {shard}")));
-                    }
-                    nodes[self.pool.rotate() % nodes.len()].clone()
-                }
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                tracing::warn!(%shard, "{what} gave up: {last}");
-                return Err(DeviceError::new(
-                    DeviceErrorKind::Io,
-                    format!("{what} on {shard} did not succeed before its deadline: {last}"),
-                ));
-            }
-            let client = self.pool.client(&addr)?;
-            let timeout = cfg.rpc_timeout.min(deadline - now);
-            let err = match tokio::time::timeout(timeout, f(client)).await {
-                Ok(Ok(v)) => {
-                    self.pool.set_leader(shard, &addr);
-                    return Ok(v);
-                }
-                Ok(Err(e)) => e,
-                Err(_) => {
-                    last = format!("{addr} did not answer in {timeout:?}");
-                    self.pool.forget_leader(shard, &addr);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(cfg.max_backoff);
-                    continue;
-                }
-            };
-            last = format!("{addr}: {err}");
-            match &err {
-                ProtoError::Api(e) if e.code == ErrorCode::NotLeader => {
-                    match e.leader_hint.as_ref().filter(|h| !h.addr.is_empty() && h.addr != addr) {
-                        Some(h) => {
-                            tracing::debug!(%shard, from = %addr, to = %h.addr, "following leader hint");
-                            self.pool.set_leader(shard, &h.addr);
-                            hops += 1;
-                            // Hints may chase each other during an election: pace them.
-                            if hops <= 3 {
-                                continue;
-                            }
-                        }
-                        None => self.pool.forget_leader(shard, &addr),
-                    }
-                }
-                ProtoError::Api(e) if !e.is_retryable() => return Err(device_error(e)),
-                ProtoError::Convert(e) if !e.is_retryable() => {
-                    return Err(DeviceError::new(DeviceErrorKind::Io, format!("malformed reply from {addr}: {e}")))
-                }
-                // Retryable typed errors and anything below gRPC: try elsewhere.
-                _ => self.pool.forget_leader(shard, &addr),
-            }
-            tracing::debug!(%shard, "{what} retrying: {last}");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(cfg.max_backoff);
-        }
-    }
-
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.pool.config().request_deadline
-    }
-
-    fn check_writable(&self) -> Result<(), DeviceError> {
-        if self.spec.read_only {
-            return Err(DeviceError::new(DeviceErrorKind::NotPermitted, "volume is attached read-only"));
-        }
-        Ok(())
-    }
-
-    fn spans(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> {
-        self.spec.geometry.chunk_spans(offset, len)
-    }
-
-    async fn read_span(
-        &self,
-        chunk: u64,
-        offset: u64,
-        length: u64,
-        deadline: Instant,
-    ) -> Result<Vec<ReadSegment>, DeviceError> {
-        let range = RangeRequest { volume: self.spec.id, offset, length };
-        let data = self
-            .call(chunk, deadline, "read", |mut c| async move {
-                let data = c.read(pb::ReadRequest::from(range)).await?.into_inner().into_result()?;
-                data.check_covers(&range)
-                    .map_err(|e| ProtoError::Api(ApiError::new(ErrorCode::Internal, e.to_string())))?;
-                Ok(data)
-            })
-            .await?;
-        Ok(data
-            .segments
-            .into_iter()
-            .map(|s| match s.body {
-                SegmentBody::Data { data, .. } => ReadSegment::Data(data),
-                SegmentBody::Hole(n) => ReadSegment::Hole(n as u32),
-            })
-            .collect())
-    }
-
-    async fn zero_range(&self, offset: u64, len: u64, punch: bool) -> Result<(), DeviceError> {
-        self.check_writable()?;
-        let deadline = self.deadline();
-        let calls = self.spans(offset, len).map(|(chunk, offset, length)| {
-            let z = ZeroRequest { volume: self.spec.id, epoch: self.spec.epoch, offset, length, punch };
-            self.call(chunk, deadline, "zero", move |mut c| async move {
-                c.zero(pb::ZeroRequest::from(z)).await?.into_inner().into_result()
-            })
-        });
-        try_join_all(calls).await.map(|_| ())
-    }
-}
-
-/// The device error for a typed error that retrying cannot fix.
-fn device_error(e: &ApiError) -> DeviceError {
-    let kind = match e.code {
-        ErrorCode::Fenced => DeviceErrorKind::NotPermitted,
-        ErrorCode::OutOfRange | ErrorCode::Invalid => DeviceErrorKind::Invalid,
-        ErrorCode::NoSpace => DeviceErrorKind::NoSpace,
-        _ => DeviceErrorKind::Io,
-    };
-    if e.code == ErrorCode::Corrupt {
-        tracing::error!("stored data failed its checksum: {e}");
-    }
-    DeviceError::new(kind, e.to_string())
-}
-
-/// Merge neighbouring holes (pieces of adjacent chunks).
-fn merge_holes(segments: Vec<ReadSegment>) -> Vec<ReadSegment> {
-    let mut out: Vec<ReadSegment> = Vec::with_capacity(segments.len());
-    for s in segments {
-        match (out.last_mut(), &s) {
-            (Some(ReadSegment::Hole(a)), ReadSegment::Hole(b)) => *a += *b,
-            _ if s.is_empty() => {}
-            _ => out.push(s),
-        }
-    }
-    out
-}
-
-impl BlockDevice for RemoteVolume {
-    fn size(&self) -> u64 {
-        self.spec.size
-    }
-
-    fn read_only(&self) -> bool {
-        self.spec.read_only
-    }
-
-    fn description(&self) -> Option<String> {
-        Some(format!("ballast replicated volume {}, {} bytes", self.spec.id, self.spec.size))
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadSegment>, DeviceError> {
-        let deadline = self.deadline();
-        let pieces =
-            try_join_all(self.spans(offset, len as u64).map(|(c, o, l)| self.read_span(c, o, l, deadline))).await?;
-        Ok(merge_holes(pieces.into_iter().flatten().collect()))
-    }
-
-    /// `fua` is honoured by construction: see the type's documentation.
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), DeviceError> {
-        self.check_writable()?;
-        let deadline = self.deadline();
-        let calls = self.spans(offset, data.len() as u64).map(|(chunk, at, length)| {
-            let start = (at - offset) as usize;
-            let piece = data.slice(start..start + length as usize);
-            let req = pb::WriteRequest::from(WriteRequest::new(self.spec.id, self.spec.epoch, at, piece));
-            self.call(chunk, deadline, "write", move |mut c| {
-                let req = req.clone();
-                async move { c.write(req).await?.into_inner().into_result() }
-            })
-        });
-        try_join_all(calls).await.map(|_| ())
-    }
-
-    /// Zeroing is a metadata operation on the shard (whole blocks become
-    /// deletes), never slower than a write, so `fast` always succeeds.
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        may_trim: bool,
-        _fast: bool,
-        _fua: bool,
-    ) -> Result<(), DeviceError> {
-        self.zero_range(offset, len as u64, may_trim).await
-    }
-
-    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> Result<(), DeviceError> {
-        self.zero_range(offset, len as u64, true).await
-    }
-
-    /// Nothing to do: every acknowledged write is already fsync'd on a
-    /// majority of replicas (see the type's documentation).
-    async fn flush(&self) -> Result<(), DeviceError> {
-        Ok(())
-    }
-
-    async fn cache(&self, _offset: u64, _len: u32) -> Result<(), DeviceError> {
-        Ok(())
-    }
-
-    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, DeviceError> {
-        let chunk_size = self.spec.geometry.chunk_size;
-        let limit = (offset / chunk_size + MAX_STATUS_CHUNKS) * chunk_size;
-        let len = (len as u64).min(limit - offset);
-        let deadline = self.deadline();
-        let calls = self.spans(offset, len).map(|(chunk, offset, length)| {
-            let range = RangeRequest { volume: self.spec.id, offset, length };
-            self.call(chunk, deadline, "block status", move |mut c| async move {
-                let x = c.block_status(pb::BlockStatusRequest::from(range)).await?.into_inner().into_result()?;
-                validate_extents(&x, Some(&range))
-                    .map_err(|e| ProtoError::Api(ApiError::new(ErrorCode::Internal, e.to_string())))?;
-                Ok((range, x))
-            })
-        });
-        let answers = try_join_all(calls).await?;
-        let mut out: Vec<Extent> = Vec::new();
-        for (range, extents) in answers {
-            let covered: u64 = extents.iter().map(|e| e.length).sum();
-            for e in extents {
-                let len = e.length as u32;
-                match out.last_mut() {
-                    Some(last) if last.hole == e.hole && last.len.checked_add(len).is_some() => last.len += len,
-                    _ => out.push(Extent { len, hole: e.hole, zero: e.hole }),
-                }
-            }
-            // A short answer ends the reply here: extents must be contiguous.
-            if covered < range.length {
-                break;
-            }
-        }
-        if out.is_empty() {
-            return Err(DeviceError::new(DeviceErrorKind::Io, "block status answered no extents"));
-        }
-        Ok(out)
-    }
-}
-
-/// A fixed set of named [`RemoteVolume`]s as NBD exports. The meta group
-/// will supply them later; the empty name opens the default export.
-pub struct RemoteExports {
-    volumes: HashMap<String, Arc<RemoteVolume>>,
-    default_export: Option<String>,
-}
-
-impl RemoteExports {
-    pub fn new(volumes: impl IntoIterator<Item = (String, Arc<RemoteVolume>)>) -> Self {
-        Self { volumes: volumes.into_iter().collect(), default_export: None }
-    }
-
-    /// Serve `name` to clients that ask for the empty export name.
-    pub fn with_default(mut self, name: impl Into<String>) -> Self {
-        self.default_export = Some(name.into());
-        self
-    }
-}
-
-impl ExportProvider for RemoteExports {
-    type Device = RemoteVolume;
-
-    async fn list(&self) -> Result<Vec<(String, String)>, DeviceError> {
-        let mut names: Vec<(String, String)> =
-            self.volumes.iter().map(|(n, v)| (n.clone(), v.description().unwrap_or_default())).collect();
-        names.sort();
-        Ok(names)
-    }
-
-    async fn open(&self, name: &str) -> Result<Option<Arc<RemoteVolume>>, DeviceError> {
-        let name = match (name, &self.default_export) {
-            ("", Some(d)) => d.as_str(),
-            _ => name,
-        };
-        Ok(self.volumes.get(name).cloned())
+    pub(crate) async fn wait(&mut self) {
+        tokio::time::sleep(self.next_delay()).await;
     }
 }
 
@@ -513,34 +147,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn neighbouring_holes_merge() {
-        let segs = vec![
-            ReadSegment::Hole(10),
-            ReadSegment::Hole(5),
-            ReadSegment::Data(Bytes::from_static(b"ab")),
-            ReadSegment::Hole(0),
-            ReadSegment::Hole(3),
-        ];
-        assert_eq!(
-            merge_holes(segs),
-            vec![ReadSegment::Hole(15), ReadSegment::Data(Bytes::from_static(b"ab")), ReadSegment::Hole(3)]
-        );
-    }
-
-    #[test]
-    fn errors_map_to_the_kinds_nbd_clients_see() {
-        let k = |c| device_error(&ApiError::new(c, "x")).kind;
-        assert_eq!(k(ErrorCode::Fenced), DeviceErrorKind::NotPermitted);
-        assert_eq!(k(ErrorCode::Corrupt), DeviceErrorKind::Io);
-        assert_eq!(k(ErrorCode::OutOfRange), DeviceErrorKind::Invalid);
-        assert_eq!(k(ErrorCode::Invalid), DeviceErrorKind::Invalid);
-    }
-
-    #[test]
     fn hash_placement_matches_the_shard_hash() {
         let p = HashPlacement { first_shard: 3, shards: 4, nodes: vec!["a:1".into()] };
         for chunk in 0..64 {
             assert_eq!(p.shard_of(VolumeId(9), chunk).expect("shard").0, 3 + shard_index(VolumeId(9), chunk, 4));
         }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_maximum() {
+        let cfg = ClientConfig {
+            min_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            ..ClientConfig::default()
+        };
+        let mut b = Backoff::new(&cfg);
+        let got: Vec<u64> = (0..5).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert_eq!(got, [20, 40, 80, 100, 100]);
     }
 }

@@ -32,7 +32,9 @@ const EXPORT: &str = "vol";
 async fn start_node(id: NodeId, dir: &Path) -> NodeHandle {
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let mut config = NodeConfig::new(id, listen, "", vec![dir.to_path_buf()]);
-    config.cluster = CLUSTER;
+    if let Some(identity) = config.identity.as_mut() {
+        identity.cluster = CLUSTER;
+    }
     config.shard = ShardConfig {
         heartbeat_interval: Duration::from_millis(50),
         election_timeout_min: Duration::from_millis(300),
@@ -40,7 +42,7 @@ async fn start_node(id: NodeId, dir: &Path) -> NodeHandle {
         ..ShardConfig::default()
     };
     config.rocks = RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 };
-    config.locator = Arc::new(NODE_PLACEMENT);
+    config.locator = Some(Arc::new(NODE_PLACEMENT));
     let node = Node::start(config).await.expect("start node");
     for shard in SHARDS {
         node.create_shard_replica(shard).await.expect("start replica");

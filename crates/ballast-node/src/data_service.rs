@@ -17,8 +17,8 @@ use ballast_proto::pb::data_server::Data;
 use ballast_raft::{ShardError, ShardRequest, ShardResponse};
 use ballast_storage::{BlockStore, Segment, StorageError};
 use ballast_types::{
-    shard_index, ApiError, ErrorCode, Extent, Geometry, GroupId, LeaderHint, RangeRequest, ReadData, ReadSegment,
-    ShardId, VolumeId, WriteRequest, ZeroRequest,
+    shard_index, ApiError, ErrorCode, Extent, Geometry, GroupId, LeaderHint, PlacementMap, RangeRequest, ReadData,
+    ReadSegment, ShardId, VolumeId, WriteRequest, ZeroRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -49,6 +49,58 @@ pub struct HashPlacement {
 impl ShardLocator for HashPlacement {
     fn locate(&self, volume: VolumeId, chunk: u64) -> Result<ShardId, ApiError> {
         Ok(ShardId(self.first_shard + shard_index(volume, chunk, self.shards)))
+    }
+}
+
+/// The cluster's placement map as this node last saw it (the meta group's
+/// applied map on a meta member, fetched from one otherwise). A volume the
+/// map does not know is `STALE_MAP` (retryable): the client may know a newer
+/// map than this node, which refreshes at once (see [`MapLocator::wanted`]).
+#[derive(Default)]
+pub struct MapLocator {
+    map: std::sync::RwLock<Arc<PlacementMap>>,
+    refresh: tokio::sync::Notify,
+}
+
+impl MapLocator {
+    pub fn map(&self) -> Arc<PlacementMap> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Install `map` if it is newer than the one held.
+    pub fn update(&self, map: PlacementMap) -> bool {
+        let mut held = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if map.version > held.version {
+            *held = Arc::new(map);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Resolves when someone asked for a fresher map.
+    pub async fn wanted(&self) {
+        self.refresh.notified().await
+    }
+
+    pub fn want_refresh(&self) {
+        self.refresh.notify_one();
+    }
+}
+
+impl ShardLocator for MapLocator {
+    fn locate(&self, volume: VolumeId, chunk: u64) -> Result<ShardId, ApiError> {
+        let map = self.map();
+        map.shard_of(volume, chunk).ok_or_else(|| {
+            self.want_refresh();
+            let mut e = ApiError::new(ErrorCode::StaleMap, format!("{volume} is not in this node's map"));
+            e.map_version = Some(map.version);
+            e
+        })
+    }
+
+    fn geometry(&self, volume: VolumeId) -> Geometry {
+        self.map().volumes.get(&volume).map(|v| v.geometry()).unwrap_or_default()
     }
 }
 
@@ -96,6 +148,17 @@ impl<S: BlockStore> DataService<S> {
         let req =
             ShardRequest::Zero { volume: z.volume, epoch: z.epoch.0, offset: z.offset, len: z.length, punch: z.punch };
         applied(replica.group.write(req).await.map_err(api_error)?)
+    }
+
+    /// Drop every block of `volume` in `shard` through the shard's log.
+    async fn purge(&self, volume: VolumeId, shard: ShardId) -> Result<(), ApiError> {
+        let group = GroupId::for_shard(shard);
+        let replica = self.groups.get(group).ok_or_else(|| {
+            let mut e = ApiError::not_leader(None);
+            e.message = format!("{shard} ({group}) has no replica on this node");
+            e
+        })?;
+        applied(replica.group.write(ShardRequest::DeleteVolume { volume }).await.map_err(api_error)?)
     }
 
     async fn read(&self, r: RangeRequest) -> Result<ReadData, ApiError> {
@@ -230,6 +293,19 @@ impl<S: BlockStore> Data for DataService<S> {
         };
         if let Err(e) = &r {
             log_refusal("block status", e);
+        }
+        Ok(Response::new(r.into()))
+    }
+
+    async fn purge(&self, request: Request<pb::PurgeRequest>) -> Result<Response<pb::PurgeReply>, Status> {
+        let m = request.into_inner();
+        let r = if m.volume_id == 0 {
+            Err(ApiError::new(ErrorCode::Invalid, "purge: volume_id is required"))
+        } else {
+            DataService::purge(self, VolumeId(m.volume_id), ShardId(m.shard)).await
+        };
+        if let Err(e) = &r {
+            log_refusal("purge", e);
         }
         Ok(Response::new(r.into()))
     }

@@ -22,6 +22,9 @@ pub enum NodeError {
     /// No replica of `group` runs on this node.
     #[error("{group} does not run on this node")]
     NoSuchGroup { group: GroupId },
+    /// The node does not belong to a cluster yet (no `cluster init`/join).
+    #[error("this node is not part of a cluster yet")]
+    NoIdentity,
     /// The node is shutting down and takes no new work.
     #[error("the node is shutting down")]
     ShuttingDown,
@@ -46,6 +49,7 @@ impl Retryable for NodeError {
             | NodeError::GroupExists { .. }
             | NodeError::NoSuchGroup { .. }
             | NodeError::ShuttingDown => false,
+            NodeError::NoIdentity => true,
         }
     }
 }

@@ -18,16 +18,21 @@
 //! checksum failed (`CORRUPT` instead); every refusal is a typed, in-band
 //! error with a leader hint when one is known.
 
+pub mod admin_service;
 pub mod data_service;
 mod error;
+pub mod identity;
 pub mod manifest;
 pub mod node;
 pub mod raft_service;
+mod reconcile;
 pub mod router;
 pub mod transport;
 
-pub use data_service::{DataService, HashPlacement, ShardLocator};
+pub use ballast_raft::ShardConfig;
+pub use data_service::{DataService, HashPlacement, MapLocator, ShardLocator};
 pub use error::NodeError;
+pub use identity::Identity;
 pub use node::{Node, NodeConfig, NodeHandle};
 pub use raft_service::RaftService;
 pub use router::{MultiRaft, Replica};

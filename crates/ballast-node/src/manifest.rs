@@ -52,13 +52,19 @@ pub fn load(dir: &Path) -> Result<Vec<ShardId>, ManifestError> {
 
 /// Replace the manifest of `dir` with `shards`; durable on return.
 pub fn store(dir: &Path, shards: &[ShardId]) -> Result<(), ManifestError> {
-    let p = path(dir);
-    let err = |e: std::io::Error| ManifestError { path: p.clone(), reason: e.to_string() };
-    let tmp = dir.join(format!("{FILE}.tmp"));
     let mut text = format!("{HEADER_V1}\n");
     for s in shards {
         text.push_str(&format!("{}\n", s.0));
     }
+    replace_file(dir, FILE, &text)
+}
+
+/// Replace `dir/name` with `text` atomically; durable on return (write a
+/// temporary file, fsync, rename, fsync the directory).
+pub(crate) fn replace_file(dir: &Path, name: &str, text: &str) -> Result<(), ManifestError> {
+    let p = dir.join(name);
+    let err = |e: std::io::Error| ManifestError { path: p.clone(), reason: e.to_string() };
+    let tmp = dir.join(format!("{name}.tmp"));
     let mut f = fs::File::create(&tmp).map_err(err)?;
     f.write_all(text.as_bytes()).map_err(err)?;
     f.sync_all().map_err(err)?;

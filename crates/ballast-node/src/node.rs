@@ -1,33 +1,48 @@
 //! Node assembly: the disks (one `RocksStore` + one group-commit `LogWriter`
 //! per data dir), the replica registry, the Raft transport, and the gRPC
-//! server that serves the `Raft` and `Data` services on one listener.
+//! server that serves the `Raft`, `Data` and `Admin` services on one listener.
 //!
-//! A new shard replica goes on disk `shard % data_dirs.len()` and is recorded
-//! in that disk's [`manifest`](crate::manifest); `Node::start` reopens every
-//! replica the manifests list, on the disk that holds it, so replicas come
-//! back after a restart without outside help (and data dirs may be reordered).
+//! **Life of a node.** A node starts knowing only its disks and address. It
+//! becomes part of a cluster once, in one of two ways: `cluster init` names
+//! it as a first member (the coordinator assigns it an id and it starts a
+//! replica of the meta group), or it joins through existing members
+//! (`--join`: the meta leader assigns an id; it holds no meta replica). The
+//! [`identity`](crate::identity) is then stored in the first data dir, so a
+//! restart comes back as the same node with every replica its disks'
+//! [`manifest`](crate::manifest)s list — without asking anyone.
+//!
+//! **Replicas follow the map.** A member node runs a reconciler
+//! ([`crate::reconcile`]) that keeps the node's copy of the placement map
+//! current and starts a replica of every shard the map assigns to it; the
+//! first voter of a new shard forms the group. A new replica goes on disk
+//! `shard % data_dirs.len()` and is recorded in that disk's manifest.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use ballast_proto::pb::admin_server::AdminServer;
 use ballast_proto::pb::data_server::DataServer;
 use ballast_proto::pb::raft_server::RaftServer;
 use ballast_proto::MAX_MESSAGE_SIZE;
+use ballast_raft::meta::meta_snapshot_dir;
 use ballast_raft::state_machine::shard_snapshot_dir;
-use ballast_raft::{start_shard, BallastNode, LogWriter, NodeId, ShardConfig, ShardSpec};
+use ballast_raft::{start_meta, start_shard, BallastNode, LogWriter, MetaGroup, NodeId, ShardConfig, ShardSpec};
 use ballast_storage::{RocksConfig, RocksStore, StorageError};
-use ballast_types::{ClusterId, GroupId, ShardId};
-use tokio::sync::oneshot;
+use ballast_types::{ClusterId, DiskInfo, GroupId, ShardId};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
-use crate::data_service::{DataService, HashPlacement, ShardLocator};
+use crate::admin_service::AdminService;
+use crate::data_service::{DataService, HashPlacement, MapLocator, ShardLocator};
 use crate::error::NodeError;
-use crate::raft_service::RaftService;
+use crate::identity::{self, Identity};
+use crate::raft_service::{RaftService, WhoAmI};
 use crate::router::{MultiRaft, Replica};
 use crate::transport::GrpcTransport;
 
@@ -40,68 +55,117 @@ const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// What a node needs to start.
 #[derive(Clone)]
 pub struct NodeConfig {
-    /// This node's Raft id; never 0.
-    pub node_id: NodeId,
-    /// The cluster every node-to-node message must name; never 0.
-    pub cluster: ClusterId,
+    /// A fixed identity (tests that wire groups by hand). `None`: read it
+    /// from the first data dir, or wait for `cluster init` / join.
+    pub identity: Option<Identity>,
     /// Where to listen for gRPC (`127.0.0.1:0` picks a free port).
     pub listen: SocketAddr,
     /// The `host:port` peers and clients reach this node at, as recorded in
-    /// Raft memberships. Empty: the bound listen address.
+    /// Raft memberships. Empty: the bound address, or `hostname:port` when
+    /// listening on every interface.
     pub advertise: String,
     /// One per disk; the order must stay the same across restarts.
     pub data_dirs: Vec<PathBuf>,
+    /// Failure-domain label recorded in the cluster map.
+    pub zone: Option<String>,
+    /// Endpoints of an existing cluster to join through (when this node has
+    /// no identity yet). Empty: wait for `cluster init`.
+    pub join: Vec<String>,
+    /// Presented when joining (checked by the cluster once tokens exist).
+    pub join_token: String,
     pub shard: ShardConfig,
     pub rocks: RocksConfig,
-    /// Where chunks live (the meta group's placement map, later).
-    pub locator: Arc<dyn ShardLocator>,
+    /// `Some`: a fixed chunk→shard rule and no reconciler (tests that place
+    /// replicas by hand). `None`: the cluster map decides.
+    pub locator: Option<Arc<dyn ShardLocator>>,
+    /// How often the reconciler re-reads the map when nothing asks it to.
+    pub reconcile_every: Duration,
 }
 
 impl NodeConfig {
-    /// Defaults: cluster 1, default timers and RocksDB sizes, every volume
-    /// hashed over shards `0..1`.
+    /// A node with a fixed identity (cluster 1, no meta replica) whose
+    /// volumes hash over shards `0..1`; replicas are started by hand.
     pub fn new(node_id: NodeId, listen: SocketAddr, advertise: impl Into<String>, data_dirs: Vec<PathBuf>) -> Self {
+        let mut c = Self::daemon(listen, advertise.into(), data_dirs);
+        c.identity =
+            Some(Identity { cluster: ClusterId(1), node: ballast_types::NodeId(node_id), meta: false, seeds: vec![] });
+        c.locator = Some(Arc::new(HashPlacement { first_shard: 0, shards: 1 }));
+        c
+    }
+
+    /// The `ballast node` daemon: identity from the data dir, `cluster init`
+    /// or `join`; replicas from the cluster map.
+    pub fn daemon(listen: SocketAddr, advertise: String, data_dirs: Vec<PathBuf>) -> Self {
         Self {
-            node_id,
-            cluster: ClusterId(1),
+            identity: None,
             listen,
-            advertise: advertise.into(),
+            advertise,
             data_dirs,
+            zone: None,
+            join: Vec::new(),
+            join_token: "ballast".into(),
             shard: ShardConfig::default(),
             rocks: RocksConfig::default(),
-            locator: Arc::new(HashPlacement { first_shard: 0, shards: 1 }),
+            locator: None,
+            reconcile_every: Duration::from_millis(500),
         }
     }
 }
 
 /// One data dir: its store and the group-commit writer of its Raft logs.
-struct Disk {
-    dir: PathBuf,
-    store: Arc<RocksStore>,
-    writer: LogWriter<RocksStore>,
+pub(crate) struct Disk {
+    pub dir: PathBuf,
+    pub store: Arc<RocksStore>,
+    pub writer: LogWriter<RocksStore>,
 }
 
 /// The storage node process.
 pub struct Node;
 
 impl Node {
-    /// Open every data dir, bind `listen` and serve. Replicas are started
-    /// separately ([`NodeHandle::create_shard_replica`]).
+    /// Open every data dir, bind `listen` and serve. A node with an identity
+    /// (configured or stored) takes up its replicas at once; one without
+    /// waits for `cluster init` or joins through `config.join`.
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
-        if config.node_id == 0 || config.cluster.0 == 0 {
-            return Err(NodeError::Config("node id and cluster id must not be 0".into()));
-        }
         if config.data_dirs.is_empty() {
             return Err(NodeError::Config("at least one data dir is needed".into()));
         }
+        for e in &config.join {
+            ballast_types::validate_addr(e).map_err(|err| NodeError::Config(format!("join endpoint {e:?}: {err}")))?;
+        }
+        if let Some(z) = &config.zone {
+            ballast_types::validate_name(z).map_err(|e| NodeError::Config(format!("zone {z:?}: {e}")))?;
+        }
         let mut disks = Vec::with_capacity(config.data_dirs.len());
         for dir in &config.data_dirs {
+            std::fs::create_dir_all(dir).map_err(|e| NodeError::Config(format!("data dir {}: {e}", dir.display())))?;
             disks.push(open_disk(dir.clone(), config.rocks.clone()).await?);
         }
+        let stored = identity::load(&disks[0].dir)?;
+        let identity = match (stored, config.identity.clone()) {
+            (Some(s), Some(c)) if s.cluster != c.cluster || s.node != c.node => {
+                return Err(NodeError::Config(format!(
+                    "{} belongs to {} as {}, not {} as {}",
+                    disks[0].dir.display(),
+                    s.cluster,
+                    s.node,
+                    c.cluster,
+                    c.node
+                )));
+            }
+            (Some(s), _) => Some(s),
+            (None, c) => c,
+        };
         let listen_err = |reason: String| NodeError::Listen { addr: config.listen.to_string(), reason };
         let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| listen_err(e.to_string()))?;
         let local_addr = listener.local_addr().map_err(|e| listen_err(e.to_string()))?;
-        let advertise = if config.advertise.is_empty() { local_addr.to_string() } else { config.advertise.clone() };
+        let advertise = if !config.advertise.is_empty() {
+            config.advertise.clone()
+        } else if local_addr.ip().is_unspecified() {
+            format!("{}:{}", hostname(), local_addr.port())
+        } else {
+            local_addr.to_string()
+        };
         ballast_types::validate_addr(&advertise).map_err(|e| NodeError::Config(format!("advertise: {e}")))?;
 
         let mut on_disk = BTreeMap::new();
@@ -117,43 +181,76 @@ impl Node {
             }
         }
         let groups = Arc::new(MultiRaft::default());
-        let transport = Arc::new(GrpcTransport::new(config.cluster, config.node_id));
-        let raft = RaftServer::new(RaftService::new(config.cluster, config.node_id, groups.clone()))
+        let who: WhoAmI = Arc::new(OnceLock::new());
+        let map = Arc::new(MapLocator::default());
+        let locator: Arc<dyn ShardLocator> = match &config.locator {
+            Some(l) => l.clone(),
+            None => map.clone(),
+        };
+        let (stop_tasks, _) = watch::channel(false);
+        let inner = Arc::new(NodeInner {
+            config,
+            advertise,
+            local_addr,
+            disks,
+            groups: groups.clone(),
+            who: who.clone(),
+            identity: OnceLock::new(),
+            transport: OnceLock::new(),
+            meta: OnceLock::new(),
+            map,
+            placement: tokio::sync::Mutex::new(on_disk),
+            activation: tokio::sync::Mutex::new(()),
+            stopping: AtomicBool::new(false),
+            channels: Mutex::new(Default::default()),
+            stop_tasks,
+            tasks: Mutex::new(Vec::new()),
+        });
+
+        let raft = RaftServer::new(RaftService::new(who, groups.clone()))
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let data = DataServer::new(DataService::new(groups.clone(), config.locator.clone()))
+        let data = DataServer::new(DataService::new(groups, locator))
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let admin = AdminServer::new(AdminService::new(inner.clone()))
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(Server::builder().add_service(raft).add_service(data).serve_with_incoming_shutdown(
-            incoming,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        tracing::info!(node = config.node_id, %local_addr, %advertise, disks = disks.len(), "node serving");
-        let node = NodeHandle {
-            id: config.node_id,
-            advertise,
-            local_addr,
-            shard_config: config.shard,
-            disks,
-            groups,
-            transport,
-            stop: Mutex::new(Some(stop)),
-            server: Mutex::new(Some(server)),
-            placement: tokio::sync::Mutex::new(on_disk.clone()),
-        };
-        for shard in on_disk.keys() {
-            if let Err(e) = node.create_shard_replica(*shard).await {
-                tracing::error!(node = node.id, %shard, "reopening replica failed: {e}");
-                let _ = node.shutdown_inner().await;
-                return Err(e);
+        let server = tokio::spawn(
+            Server::builder().add_service(raft).add_service(data).add_service(admin).serve_with_incoming_shutdown(
+                incoming,
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+        );
+        tracing::info!(%local_addr, advertise = %inner.advertise, disks = inner.disks.len(), "node serving");
+        let node = NodeHandle { inner, stop: Mutex::new(Some(stop)), server: Mutex::new(Some(server)) };
+        match identity {
+            Some(id) => {
+                if let Err(e) = node.inner.activate(id).await {
+                    tracing::error!("taking up this node's replicas failed: {e}");
+                    let _ = node.shutdown_inner().await;
+                    return Err(e);
+                }
             }
+            None if !node.inner.config.join.is_empty() => node.inner.spawn(crate::reconcile::join(node.inner.clone())),
+            None => tracing::info!("waiting for `ballast cluster init` or a join"),
         }
         Ok(node)
     }
+}
+
+/// This machine's host name (for the advertised address of a node that
+/// listens on every interface).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Open a data dir, waiting (bounded) for a previous instance's lock.
@@ -177,57 +274,152 @@ async fn open_disk(dir: PathBuf, rocks: RocksConfig) -> Result<Disk, NodeError> 
     Ok(Disk { dir, store, writer })
 }
 
-/// A running node.
-pub struct NodeHandle {
-    id: NodeId,
-    advertise: String,
-    local_addr: SocketAddr,
-    shard_config: ShardConfig,
-    disks: Vec<Disk>,
-    groups: Arc<MultiRaft<RocksStore>>,
-    transport: Arc<GrpcTransport>,
-    stop: Mutex<Option<oneshot::Sender<()>>>,
-    server: Mutex<Option<JoinHandle<Result<(), tonic::transport::Error>>>>,
+/// Capacity and use of the file system holding `dir`.
+pub(crate) fn disk_info(dir: &std::path::Path) -> DiskInfo {
+    let path = dir.display().to_string();
+    let (mut capacity, mut used) = (0, 0);
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly
+        // sized, writable statvfs buffer; statvfs only writes into it.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {
+            let frsize = st.f_frsize as u64;
+            capacity = st.f_blocks as u64 * frsize;
+            used = capacity.saturating_sub(st.f_bfree as u64 * frsize);
+        }
+    }
+    DiskInfo { path, capacity, used }
+}
+
+/// Everything a node owns, shared by its services and background tasks.
+pub(crate) struct NodeInner {
+    pub config: NodeConfig,
+    pub advertise: String,
+    pub local_addr: SocketAddr,
+    pub disks: Vec<Disk>,
+    pub groups: Arc<MultiRaft<RocksStore>>,
+    who: WhoAmI,
+    pub identity: OnceLock<Identity>,
+    pub transport: OnceLock<Arc<GrpcTransport>>,
+    pub meta: OnceLock<Arc<MetaGroup<RocksStore>>>,
+    /// The placement map as this node last saw it.
+    pub map: Arc<MapLocator>,
     /// Which disk holds each shard replica (the union of the manifests).
     /// Held across replica start so manifest updates are serialised.
     placement: tokio::sync::Mutex<BTreeMap<ShardId, usize>>,
+    /// Serialises taking an identity.
+    activation: tokio::sync::Mutex<()>,
+    stopping: AtomicBool,
+    /// gRPC channels to other nodes (Admin forwarding, map fetches, purges).
+    channels: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
+    /// Flips to `true` when background tasks must end.
+    pub stop_tasks: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl NodeHandle {
+impl NodeInner {
+    /// This node's id; 0 before it belongs to a cluster.
     pub fn id(&self) -> NodeId {
-        self.id
+        self.identity.get().map_or(0, |i| i.node.0)
     }
 
-    /// The address peers and clients use (what memberships record).
-    pub fn advertise(&self) -> &str {
-        &self.advertise
-    }
-
-    /// This node as a Raft membership entry.
-    pub fn node_info(&self) -> BallastNode {
-        BallastNode::new(self.advertise.clone())
-    }
-
-    /// The bound listener address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    fn running(&self) -> Result<(), NodeError> {
-        let stopped = self.stop.lock().unwrap_or_else(|e| e.into_inner()).is_none();
-        if stopped {
+    pub fn running(&self) -> Result<(), NodeError> {
+        if self.stopping.load(Ordering::Acquire) {
             Err(NodeError::ShuttingDown)
         } else {
             Ok(())
         }
     }
 
-    /// Start this node's replica of `shard` (Raft group `GroupId::for_shard`),
-    /// empty or from what its disk holds, and record it in the disk's
-    /// manifest (durable before this returns). A new group also needs
-    /// [`initialize_shard`](Self::initialize_shard) on exactly one member.
+    /// A lazily connected channel to the node at `addr` (reused).
+    pub fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad address {addr:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true);
+        let c = ep.connect_lazy();
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut stop = self.stop_tasks.subscribe();
+        let handle = tokio::spawn(async move {
+            tokio::select! {
+                _ = task => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+    }
+
+    /// The disks as the cluster map records them.
+    pub fn disk_infos(&self) -> Vec<DiskInfo> {
+        self.disks.iter().map(|d| disk_info(&d.dir)).collect()
+    }
+
+    /// Become `id` (once): persist it, start the meta replica if this node
+    /// is a meta member, reopen every replica the manifests list, and (for
+    /// map-driven nodes) start the reconciler. Calling it again with the same
+    /// identity does nothing; another identity is refused.
+    pub async fn activate(self: &Arc<Self>, id: Identity) -> Result<(), NodeError> {
+        let _guard = self.activation.lock().await;
+        if let Some(have) = self.identity.get() {
+            return if have.cluster == id.cluster && have.node == id.node {
+                Ok(())
+            } else {
+                Err(NodeError::Config(format!("this node is already {} in {}", have.node, have.cluster)))
+            };
+        }
+        self.running()?;
+        id.validate().map_err(NodeError::Config)?;
+        if identity::load(&self.disks[0].dir)?.as_ref() != Some(&id) && self.config.identity.as_ref() != Some(&id) {
+            let (dir, stored) = (self.disks[0].dir.clone(), id.clone());
+            tokio::task::spawn_blocking(move || identity::store(&dir, &stored))
+                .await
+                .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
+        }
+        let transport = Arc::new(GrpcTransport::new(id.cluster, id.node.0));
+        let _ = self.transport.set(transport.clone());
+        let _ = self.who.set((id.cluster, id.node));
+        let _ = self.identity.set(id.clone());
+        tracing::info!(node = id.node.0, cluster = %id.cluster, meta = id.meta, "node identity");
+        if id.meta {
+            let disk = &self.disks[0];
+            let snapshots = disk.dir.join("snapshots");
+            let meta = start_meta(
+                id.node.0,
+                &self.config.shard,
+                &disk.writer,
+                disk.store.clone(),
+                &meta_snapshot_dir(&snapshots),
+                transport,
+            )
+            .await?;
+            let replica = Replica { group: meta.router_handle(), snapshot_dir: meta_snapshot_dir(&snapshots) };
+            if self.groups.insert(GroupId::META, replica).is_err() {
+                return Err(NodeError::GroupExists { group: GroupId::META });
+            }
+            let _ = self.meta.set(Arc::new(meta));
+        }
+        let listed: Vec<ShardId> = self.placement.lock().await.keys().copied().collect();
+        for shard in listed {
+            self.create_shard_replica(shard).await?;
+        }
+        if self.config.locator.is_none() {
+            self.spawn(crate::reconcile::run(self.clone()));
+        }
+        Ok(())
+    }
+
     pub async fn create_shard_replica(&self, shard: ShardId) -> Result<GroupId, NodeError> {
         self.running()?;
+        let transport = self.transport.get().cloned().ok_or(NodeError::NoIdentity)?;
         let group = GroupId::for_shard(shard);
         let mut placement = self.placement.lock().await;
         if self.groups.contains(group) {
@@ -246,18 +438,59 @@ impl NodeHandle {
                 .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
             placement.insert(shard, disk_no);
         }
-        let spec = ShardSpec { group: group.0, shard, node: self.id };
+        let spec = ShardSpec { group: group.0, shard, node: self.id() };
         let snapshots = disk.dir.join("snapshots");
         let started =
-            start_shard(spec, &self.shard_config, &disk.writer, disk.store.clone(), &snapshots, self.transport.clone())
-                .await?;
+            start_shard(spec, &self.config.shard, &disk.writer, disk.store.clone(), &snapshots, transport).await?;
         let replica = Replica { group: started, snapshot_dir: shard_snapshot_dir(&snapshots, shard) };
         if let Err(dup) = self.groups.insert(group, replica) {
             dup.group.shutdown().await?;
             return Err(NodeError::GroupExists { group });
         }
-        tracing::info!(node = self.id, %shard, %group, "shard replica started");
+        tracing::info!(node = self.id(), %shard, %group, "shard replica started");
         Ok(group)
+    }
+}
+
+/// A running node.
+pub struct NodeHandle {
+    inner: Arc<NodeInner>,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    server: Mutex<Option<JoinHandle<Result<(), tonic::transport::Error>>>>,
+}
+
+impl NodeHandle {
+    /// This node's id; 0 until it belongs to a cluster.
+    pub fn id(&self) -> NodeId {
+        self.inner.id()
+    }
+
+    /// This node's identity, once it has one.
+    pub fn identity(&self) -> Option<Identity> {
+        self.inner.identity.get().cloned()
+    }
+
+    /// The address peers and clients use (what memberships record).
+    pub fn advertise(&self) -> &str {
+        &self.inner.advertise
+    }
+
+    /// This node as a Raft membership entry.
+    pub fn node_info(&self) -> BallastNode {
+        BallastNode::new(self.inner.advertise.clone())
+    }
+
+    /// The bound listener address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Start this node's replica of `shard` (Raft group `GroupId::for_shard`),
+    /// empty or from what its disk holds, and record it in the disk's
+    /// manifest (durable before this returns). A new group also needs
+    /// [`initialize_shard`](Self::initialize_shard) on exactly one member.
+    pub async fn create_shard_replica(&self, shard: ShardId) -> Result<GroupId, NodeError> {
+        self.inner.create_shard_replica(shard).await
     }
 
     /// Form a new group of `members` from this node's (empty) replica.
@@ -267,7 +500,7 @@ impl NodeHandle {
         members: BTreeMap<NodeId, BallastNode>,
     ) -> Result<(), NodeError> {
         let group = GroupId::for_shard(shard);
-        let replica = self.groups.get(group).ok_or(NodeError::NoSuchGroup { group })?;
+        let replica = self.inner.groups.get(group).ok_or(NodeError::NoSuchGroup { group })?;
         Ok(replica.group.initialize(members).await?)
     }
 
@@ -275,23 +508,33 @@ impl NodeHandle {
     /// on disk, so the next start reopens it.
     pub async fn stop_shard_replica(&self, shard: ShardId) -> Result<(), NodeError> {
         let group = GroupId::for_shard(shard);
-        let replica = self.groups.remove(group).ok_or(NodeError::NoSuchGroup { group })?;
+        let replica = self.inner.groups.remove(group).ok_or(NodeError::NoSuchGroup { group })?;
         Ok(replica.group.shutdown().await?)
     }
 
     /// A running replica (for metrics, tests and the meta group's scheduler).
     pub fn replica(&self, group: GroupId) -> Option<Arc<Replica<RocksStore>>> {
-        self.groups.get(group)
+        self.inner.groups.get(group)
+    }
+
+    /// This node's meta replica, if it is a meta member.
+    pub fn meta(&self) -> Option<Arc<MetaGroup<RocksStore>>> {
+        self.inner.meta.get().cloned()
     }
 
     /// The groups running on this node.
     pub fn groups(&self) -> Vec<GroupId> {
-        self.groups.groups()
+        self.inner.groups.groups()
     }
 
     /// The leader of `group` as this node's replica knows it.
     pub fn leader(&self, group: GroupId) -> Option<(NodeId, BallastNode)> {
-        self.groups.get(group)?.group.leader()
+        self.inner.groups.get(group)?.group.leader()
+    }
+
+    /// The node's state in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        crate::reconcile::metrics_text(&self.inner)
     }
 
     /// Stop serving, stop every replica, and release the data dirs.
@@ -300,13 +543,22 @@ impl NodeHandle {
     }
 
     async fn shutdown_inner(&self) -> Result<(), NodeError> {
+        let inner = &self.inner;
+        inner.stopping.store(true, Ordering::Release);
+        let _ = inner.stop_tasks.send(true);
+        let tasks: Vec<_> = inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        for t in tasks {
+            let _ = t.await;
+        }
         if let Some(stop) = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = stop.send(());
         }
+        // Wait for replica starts in flight, then stop every replica.
+        let _placement = inner.placement.lock().await;
         let mut first_err = None;
-        for (group, replica) in self.groups.drain() {
+        for (group, replica) in inner.groups.drain() {
             if let Err(e) = replica.group.shutdown().await {
-                tracing::warn!(node = self.id, %group, "replica shutdown: {e}");
+                tracing::warn!(node = inner.id(), %group, "replica shutdown: {e}");
                 first_err.get_or_insert(NodeError::from(e));
             }
         }
@@ -314,15 +566,15 @@ impl NodeHandle {
         if let Some(mut server) = server {
             match tokio::time::timeout(DRAIN_WAIT, &mut server).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::warn!(node = self.id, "gRPC server ended with: {e}"),
-                Ok(Err(e)) => tracing::warn!(node = self.id, "gRPC server task: {e}"),
+                Ok(Ok(Err(e))) => tracing::warn!(node = inner.id(), "gRPC server ended with: {e}"),
+                Ok(Err(e)) => tracing::warn!(node = inner.id(), "gRPC server task: {e}"),
                 Err(_) => {
-                    tracing::warn!(node = self.id, "connections did not drain in {DRAIN_WAIT:?}; dropping them");
+                    tracing::warn!(node = inner.id(), "connections did not drain in {DRAIN_WAIT:?}; dropping them");
                     server.abort();
                 }
             }
         }
-        tracing::info!(node = self.id, "node stopped");
+        tracing::info!(node = inner.id(), "node stopped");
         first_err.map_or(Ok(()), Err)
     }
 }

@@ -6,7 +6,7 @@
 //! `UNAVAILABLE` when the replica's Raft stopped); the sender's openraft
 //! treats any of them as "no answer" and retries.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ballast_proto::pb::raft_server::Raft;
 use ballast_proto::{pb, SnapshotSequencer};
@@ -20,32 +20,41 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::router::{MultiRaft, Replica};
 
+/// Who this node is, once it belongs to a cluster (set once, by `cluster
+/// init` or a join, or at start from the data dir).
+pub type WhoAmI = Arc<OnceLock<(ClusterId, ballast_types::NodeId)>>;
+
 /// Serves node-to-node Raft traffic for one node.
 pub struct RaftService<S: BlockStore> {
-    cluster: ClusterId,
-    me: ballast_types::NodeId,
+    who: WhoAmI,
     groups: Arc<MultiRaft<S>>,
 }
 
 impl<S: BlockStore> RaftService<S> {
-    pub fn new(cluster: ClusterId, me: ballast_raft::NodeId, groups: Arc<MultiRaft<S>>) -> Self {
-        Self { cluster, me: ballast_types::NodeId(me), groups }
+    pub fn new(who: WhoAmI, groups: Arc<MultiRaft<S>>) -> Self {
+        Self { who, groups }
+    }
+
+    /// This node's cluster and id; `UNAVAILABLE` before it has joined one.
+    fn me(&self) -> Result<(ClusterId, ballast_types::NodeId), ApiError> {
+        self.who.get().copied().ok_or_else(|| unavailable("this node is not part of a cluster yet"))
     }
 
     /// The replica an envelope is for, or why this node refuses it.
     fn route(&self, e: &RaftEnvelope) -> Result<Arc<Replica<S>>, ApiError> {
-        if e.cluster != self.cluster {
+        let (cluster, me) = self.me()?;
+        if e.cluster != cluster {
             return Err(ApiError::new(
                 ErrorCode::WrongCluster,
-                format!("this node is in {}, not {}", self.cluster, e.cluster),
+                format!("this node is in {cluster}, not {}", e.cluster),
             ));
         }
-        if e.target != self.me {
-            return Err(ApiError::new(ErrorCode::Invalid, format!("message for {} reached {}", e.target, self.me)));
+        if e.target != me {
+            return Err(ApiError::new(ErrorCode::Invalid, format!("message for {} reached {me}", e.target)));
         }
         self.groups
             .get(e.group)
-            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("{} does not run on {}", e.group, self.me)))
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("{} does not run on {me}", e.group)))
     }
 }
 
@@ -155,15 +164,11 @@ impl<S: BlockStore> Raft for RaftService<S> {
     async fn hello(&self, request: Request<pb::NodeHello>) -> Result<Response<pb::NodeHelloReply>, Status> {
         let r = NodeHello::try_from(request.into_inner()).map_err(ApiError::from).and_then(|h| {
             h.check_version()?;
-            if h.cluster != self.cluster {
-                return Err(ApiError::new(ErrorCode::WrongCluster, format!("this node is in {}", self.cluster)));
+            let (cluster, me) = self.me()?;
+            if h.cluster != cluster {
+                return Err(ApiError::new(ErrorCode::WrongCluster, format!("this node is in {cluster}")));
             }
-            Ok(NodeHello {
-                cluster: self.cluster,
-                node: self.me,
-                addr: String::new(),
-                protocol_version: ballast_types::PROTOCOL_VERSION,
-            })
+            Ok(NodeHello { cluster, node: me, addr: String::new(), protocol_version: ballast_types::PROTOCOL_VERSION })
         });
         Ok(Response::new(pb::NodeHelloReply::from(r)))
     }

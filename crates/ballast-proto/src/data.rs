@@ -115,6 +115,12 @@ impl From<Result<(), ApiError>> for pb::FlushReply {
     }
 }
 
+impl From<Result<(), ApiError>> for pb::PurgeReply {
+    fn from(r: Result<(), ApiError>) -> Self {
+        pb::PurgeReply { error: r.err().map(Into::into) }
+    }
+}
+
 impl From<Result<ReadData, ApiError>> for pb::ReadReply {
     fn from(r: Result<ReadData, ApiError>) -> Self {
         match r {
@@ -171,6 +177,13 @@ impl Reply for pb::ZeroReply {
 }
 
 impl Reply for pb::FlushReply {
+    type Ok = ();
+    fn into_result(self) -> Result<(), ProtoError> {
+        unit(self.error)
+    }
+}
+
+impl Reply for pb::PurgeReply {
     type Ok = ();
     fn into_result(self) -> Result<(), ProtoError> {
         unit(self.error)

@@ -133,6 +133,17 @@ impl ProtoError {
     }
 }
 
+impl ProtoError {
+    /// This failure as a typed error (a transport failure keeps its best code).
+    pub fn into_api(self) -> ApiError {
+        match self {
+            Self::Api(e) => e,
+            Self::Convert(e) => e.into(),
+            Self::Transport(s) => ApiError::new(code_from_grpc(s.code()), s.message().to_string()),
+        }
+    }
+}
+
 impl Retryable for ProtoError {
     fn is_retryable(&self) -> bool {
         self.code().is_retryable()

@@ -48,7 +48,9 @@ pub async fn start_node_bare(
     tweak: impl FnOnce(&mut ShardConfig),
 ) -> NodeHandle {
     let mut config = NodeConfig::new(id, listen, "", vec![dir.to_path_buf()]);
-    config.cluster = CLUSTER;
+    if let Some(identity) = config.identity.as_mut() {
+        identity.cluster = CLUSTER;
+    }
     config.shard = ShardConfig {
         heartbeat_interval: Duration::from_millis(50),
         election_timeout_min: Duration::from_millis(300),
@@ -57,7 +59,7 @@ pub async fn start_node_bare(
     };
     tweak(&mut config.shard);
     config.rocks = RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 };
-    config.locator = Arc::new(PLACEMENT);
+    config.locator = Some(Arc::new(PLACEMENT));
     Node::start(config).await.expect("start node")
 }
 

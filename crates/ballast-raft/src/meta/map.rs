@@ -158,6 +158,10 @@ pub struct ClusterMap {
     pub pools: BTreeMap<u32, MetaPool>,
     pub volumes: BTreeMap<u64, MetaVolume>,
     pub shards: BTreeMap<u32, MetaShard>,
+    /// Deleted volumes whose blocks some shard may still hold: volume id →
+    /// pool id. The meta leader purges them from every shard of the pool and
+    /// then forgets them ([`MetaCommand::ForgetVolume`]).
+    pub deleted: BTreeMap<u64, u32>,
     /// Next ids to hand out (never reused).
     pub next_pool: u32,
     pub next_shard: u32,
@@ -202,6 +206,10 @@ pub enum MetaCommand {
         name: String,
         read_only: bool,
         force: bool,
+    },
+    /// Every shard of the deleted volume's pool has dropped its blocks.
+    ForgetVolume {
+        id: u64,
     },
     /// `epoch`: the read-write attachment released; `None` for a read-only one.
     Detach {
@@ -428,7 +436,12 @@ impl ClusterMap {
                     return Err(err(ErrorCode::Conflict, format!("volume {name:?} is attached read-write")));
                 }
                 let v = self.volumes.remove(&id).ok_or_else(|| err(ErrorCode::Internal, "volume index"))?;
+                self.deleted.insert(v.id, v.pool);
                 Ok(MetaOutcome::Volume(v))
+            }
+            MetaCommand::ForgetVolume { id } => {
+                self.deleted.remove(id);
+                Ok(MetaOutcome::Done)
             }
             MetaCommand::Attach { name, read_only, force } => {
                 let id = self.volume_id(name)?;
@@ -639,6 +652,9 @@ mod tests {
         assert_eq!(m.volumes[&1].readers, 0);
         assert!(m.apply(&MetaCommand::DeleteVolume { name: "v".into() }).is_ok());
         assert!(m.volumes.is_empty());
+        assert_eq!(m.deleted.get(&1), Some(&1), "a tombstone until every shard is purged");
+        assert!(m.apply(&MetaCommand::ForgetVolume { id: 1 }).is_ok());
+        assert!(m.deleted.is_empty());
     }
 
     #[test]

@@ -90,6 +90,12 @@ impl<S: BlockStore> MetaGroup<S> {
         &self.group
     }
 
+    /// A second handle on the same replica, for a router that owns its
+    /// groups. Shutting either down stops the replica.
+    pub fn router_handle(&self) -> ShardGroup<S> {
+        ShardGroup::from_parts(self.group.spec(), self.group.raft().clone(), self.group.store().clone())
+    }
+
     /// Make this replica the first member of a new meta group of `members`
     /// (call on one node only).
     pub async fn initialize(&self, members: BTreeMap<NodeId, BallastNode>) -> Result<(), ShardError> {

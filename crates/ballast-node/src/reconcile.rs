@@ -1,0 +1,319 @@
+//! Background work of a member node, driven by the cluster map.
+//!
+//! [`run`] keeps the node's copy of the placement map current (the meta
+//! replica's applied map on a meta member; `GetPlacement` from a seed
+//! otherwise), every `reconcile_every` or at once when a request named a
+//! volume the node's map does not know. From the map it:
+//! - starts a replica of every shard that lists this node as a voter;
+//! - forms each new shard's group on its first voter: only a replica that
+//!   was never initialized (no vote, no log) initializes, so a restart or a
+//!   second pass never forms a group twice;
+//! - on the meta leader only, frees deleted volumes: every shard of the
+//!   volume's pool drops its blocks through its own log (`Data.Purge` to the
+//!   shard's leader), then the volume's tombstone is removed from the map.
+//!
+//! [`join`] is how a node without an identity enters an existing cluster.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_proto::pb;
+use ballast_proto::pb::admin_client::AdminClient;
+use ballast_proto::pb::data_client::DataClient;
+use ballast_proto::{ProtoError, Reply};
+use ballast_raft::{BallastNode, MetaCommand};
+use ballast_types::{
+    ErrorCode, GroupId, JoinNode, JoinNodeReply, MapVersion, NodeId, PlacementMap, PlacementReply, ShardId, VolumeId,
+    PROTOCOL_VERSION,
+};
+
+use crate::identity::Identity;
+use crate::node::NodeInner;
+
+/// The reconciler of a member node; runs until the node stops.
+pub(crate) async fn run(inner: Arc<NodeInner>) {
+    let mut state = State::default();
+    let mut last_problem = String::new();
+    loop {
+        match tick(&inner, &mut state).await {
+            Ok(()) => last_problem.clear(),
+            Err(problem) => {
+                // Logged once per distinct problem, not once per pass.
+                if problem != last_problem {
+                    tracing::warn!(node = inner.id(), "reconcile: {problem}");
+                    last_problem = problem;
+                }
+            }
+        }
+        tokio::select! {
+            _ = inner.map.wanted() => {}
+            _ = tokio::time::sleep(inner.config.reconcile_every) => {}
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Shards whose group this node saw initialized (no need to ask again).
+    formed: HashSet<ShardId>,
+    /// `(volume, shard)` pairs purged since this node became meta leader.
+    purged: HashSet<(u64, u32)>,
+    /// Seed rotation for map fetches.
+    next_seed: usize,
+}
+
+async fn tick(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
+    let me = NodeId(inner.id());
+    match inner.meta.get() {
+        Some(meta) => {
+            let m = meta.local_map();
+            if !m.is_initialized() {
+                return Ok(());
+            }
+            inner.map.update(m.placement());
+        }
+        None => fetch_map(inner, state).await?,
+    }
+    let map = inner.map.map();
+    let mut problems = Vec::new();
+    for (shard, info) in &map.shards {
+        if !info.voters.contains(&me) {
+            continue;
+        }
+        let group = GroupId::for_shard(*shard);
+        if !inner.groups.contains(group) {
+            if let Err(e) = inner.create_shard_replica(*shard).await {
+                problems.push(format!("starting {shard}: {e}"));
+                continue;
+            }
+        }
+        if info.voters[0] != me || state.formed.contains(shard) {
+            continue;
+        }
+        let Some(replica) = inner.groups.get(group) else { continue };
+        match replica.group.raft().is_initialized().await {
+            Ok(true) => {
+                state.formed.insert(*shard);
+            }
+            Ok(false) => {
+                let members: BTreeMap<u64, BallastNode> = info
+                    .voters
+                    .iter()
+                    .map(|v| (v.0, BallastNode::new(map.nodes.get(v).cloned().unwrap_or_default())))
+                    .collect();
+                match replica.group.initialize(members).await {
+                    Ok(()) => {
+                        tracing::info!(node = me.0, %shard, "formed the shard's group");
+                        state.formed.insert(*shard);
+                    }
+                    Err(e) => problems.push(format!("forming {shard}: {e}")),
+                }
+            }
+            Err(e) => problems.push(format!("{shard}: {e}")),
+        }
+    }
+    if let Some(meta) = inner.meta.get() {
+        if meta.leader().map(|(id, _)| id) == Some(me.0) {
+            purge_deleted(inner, state, &map).await.unwrap_or_else(|e| problems.push(e));
+        } else {
+            state.purged.clear();
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Where a node without a meta replica asks for the map: its seeds, then
+/// every node the map it holds names.
+fn map_sources(identity: Option<&Identity>, map: &PlacementMap) -> Vec<String> {
+    let mut out: Vec<String> = identity.map(|i| i.seeds.clone()).unwrap_or_default();
+    for addr in map.nodes.values() {
+        if !out.contains(addr) {
+            out.push(addr.clone());
+        }
+    }
+    out
+}
+
+async fn fetch_map(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
+    let held = inner.map.map();
+    let sources = map_sources(inner.identity.get(), &held);
+    if sources.is_empty() {
+        return Err("no seed to fetch the cluster map from".into());
+    }
+    let mut last = String::new();
+    for _ in 0..sources.len() {
+        let addr = &sources[state.next_seed % sources.len()];
+        state.next_seed += 1;
+        let mut client =
+            AdminClient::new(inner.channel(addr)?).max_decoding_message_size(ballast_proto::MAX_MESSAGE_SIZE);
+        let req = pb::GetPlacementRequest::from(held.version);
+        match client.get_placement(req).await {
+            Ok(reply) => {
+                let reply = PlacementReply::try_from(reply.into_inner()).map_err(|e| format!("{addr}: {e}"))?;
+                if let Some(map) = reply.map {
+                    inner.map.update(map);
+                }
+                state.next_seed -= 1; // stay with a source that answers
+                return Ok(());
+            }
+            Err(s) => last = format!("{addr}: {}", ProtoError::from(s)),
+        }
+    }
+    Err(format!("fetching the cluster map: {last}"))
+}
+
+/// Free the blocks of deleted volumes in every shard of their pool, then
+/// forget the tombstones. Meta leader only.
+async fn purge_deleted(inner: &Arc<NodeInner>, state: &mut State, map: &PlacementMap) -> Result<(), String> {
+    let Some(meta) = inner.meta.get() else { return Ok(()) };
+    let deleted = meta.local_map().deleted;
+    let mut problems = Vec::new();
+    for (volume, pool) in deleted {
+        let Some(pool) = map.pools.get(&ballast_types::PoolId(pool)) else { continue };
+        let mut done = true;
+        for shard in pool.shard_ids() {
+            if state.purged.contains(&(volume, shard.0)) {
+                continue;
+            }
+            match purge_shard(inner, map, VolumeId(volume), shard).await {
+                Ok(()) => {
+                    state.purged.insert((volume, shard.0));
+                }
+                Err(e) => {
+                    done = false;
+                    problems.push(format!("purging {} from {shard}: {e}", VolumeId(volume)));
+                }
+            }
+        }
+        if done {
+            match meta.propose(MetaCommand::ForgetVolume { id: volume }).await {
+                Ok(_) => tracing::info!(volume = %VolumeId(volume), "deleted volume freed in every shard"),
+                Err(e) => problems.push(format!("forgetting {}: {e}", VolumeId(volume))),
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+async fn purge_shard(inner: &NodeInner, map: &PlacementMap, volume: VolumeId, shard: ShardId) -> Result<(), String> {
+    let info = map.shards.get(&shard).ok_or("shard not in the map")?;
+    let mut targets: Vec<String> = map.leader_of(shard).map(|l| l.addr).into_iter().collect();
+    targets.extend(info.voters.iter().filter_map(|v| map.nodes.get(v).cloned()));
+    let mut last = String::from("no voter");
+    let mut tried = BTreeSet::new();
+    while let Some(addr) = targets.first().cloned() {
+        targets.remove(0);
+        if !tried.insert(addr.clone()) {
+            continue;
+        }
+        let mut client = DataClient::new(inner.channel(&addr)?);
+        let req = pb::PurgeRequest { volume_id: volume.0, shard: shard.0 };
+        match client.purge(req).await.map_err(ProtoError::from).and_then(|r| r.into_inner().into_result()) {
+            Ok(()) => return Ok(()),
+            Err(ProtoError::Api(e)) if e.code == ErrorCode::NotLeader => {
+                if let Some(h) = e.leader_hint.filter(|h| !h.addr.is_empty()) {
+                    targets.insert(0, h.addr);
+                }
+                last = format!("{addr}: {}", e.message);
+            }
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Join the cluster through `config.join`, then take up the identity the
+/// meta leader assigned. Retries (with backoff) until it succeeds or the
+/// node stops.
+pub(crate) async fn join(inner: Arc<NodeInner>) {
+    let request = JoinNode {
+        node: None,
+        addr: inner.advertise.clone(),
+        zone: inner.config.zone.clone(),
+        disks: inner.disk_infos(),
+        token: inner.config.join_token.clone(),
+        protocol_version: PROTOCOL_VERSION,
+    };
+    let endpoints = inner.config.join.clone();
+    let mut backoff = Duration::from_millis(200);
+    let mut attempt = 0usize;
+    let mut last_problem = String::new();
+    loop {
+        let addr = &endpoints[attempt % endpoints.len()];
+        attempt += 1;
+        let result = async {
+            let mut client = AdminClient::new(inner.channel(addr)?);
+            let reply = client
+                .join_node(pb::JoinNodeRequest::from(request.clone()))
+                .await
+                .map_err(|s| ProtoError::from(s).to_string())?;
+            JoinNodeReply::try_from(reply.into_inner()).map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(reply) => {
+                let id = Identity { cluster: reply.cluster, node: reply.node, meta: false, seeds: endpoints.clone() };
+                match inner.activate(id).await {
+                    Ok(()) => {
+                        tracing::info!(node = reply.node.0, cluster = %reply.cluster, via = %addr, "joined the cluster");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!("joined as {} but could not take the identity up: {e}", reply.node);
+                        return;
+                    }
+                }
+            }
+            Err(problem) => {
+                if problem != last_problem {
+                    tracing::warn!("joining through {addr}: {problem}; retrying");
+                    last_problem = problem;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The node's state in the Prometheus text format.
+pub(crate) fn metrics_text(inner: &NodeInner) -> String {
+    let me = inner.id();
+    let groups = inner.groups.groups();
+    let shards = groups.iter().filter(|g| g.shard().is_some()).count();
+    let leaders = groups
+        .iter()
+        .filter(|g| g.shard().is_some())
+        .filter(|g| inner.groups.get(**g).and_then(|r| r.group.leader()).is_some_and(|(l, _)| l == me))
+        .count();
+    let meta_leader = inner.meta.get().and_then(|m| m.leader()).is_some_and(|(l, _)| l == me);
+    let map_version: MapVersion = inner.map.map().version;
+    let mut out = String::new();
+    let cluster = inner.identity.get().map_or(0, |i| i.cluster.0);
+    let _ = writeln!(out, "# HELP ballast_node_info This node's identity (0 before it joins a cluster).");
+    let _ = writeln!(out, "# TYPE ballast_node_info gauge");
+    let _ = writeln!(out, "ballast_node_info{{node=\"{me}\",cluster=\"{cluster}\",addr=\"{}\"}} 1", inner.advertise);
+    let _ = writeln!(out, "# HELP ballast_node_shard_replicas Shard replicas running on this node.");
+    let _ = writeln!(out, "# TYPE ballast_node_shard_replicas gauge");
+    let _ = writeln!(out, "ballast_node_shard_replicas {shards}");
+    let _ = writeln!(out, "# HELP ballast_node_shard_leaders Shards this node leads.");
+    let _ = writeln!(out, "# TYPE ballast_node_shard_leaders gauge");
+    let _ = writeln!(out, "ballast_node_shard_leaders {leaders}");
+    let _ = writeln!(out, "# HELP ballast_node_meta_leader 1 when this node leads the meta group.");
+    let _ = writeln!(out, "# TYPE ballast_node_meta_leader gauge");
+    let _ = writeln!(out, "ballast_node_meta_leader {}", u8::from(meta_leader));
+    let _ = writeln!(out, "# HELP ballast_node_map_version Version of the placement map this node holds.");
+    let _ = writeln!(out, "# TYPE ballast_node_map_version gauge");
+    let _ = writeln!(out, "ballast_node_map_version {}", map_version.0);
+    out
+}

@@ -1,0 +1,294 @@
+//! `ballast cluster|pool|volume …`: one `AdminClient` call each, printed by
+//! [`super::output`]. A refusal from the cluster is returned as it came (its
+//! display is `<code>: <message>`), so `main` prints `ballast: <code>: <message>`
+//! and exits 1.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use ballast_client::{AdminClient, ClientConfig};
+use ballast_types::{
+    CreateVolume, FailureDomain, InitCluster, PoolId, PoolSpec, ResizeVolume, MAX_META_MEMBERS, MAX_REPLICAS,
+    MAX_SHARDS,
+};
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::output::{self, Output, PoolSpecView};
+use super::{parse_addr, parse_name, parse_volume_size};
+
+/// Where admin commands go when neither `--endpoints` nor `BALLAST_ENDPOINTS` says
+/// (the nodes `ballast demo` starts).
+pub const DEFAULT_ENDPOINTS: [&str; 3] = ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"];
+/// The pool `cluster init` creates.
+pub const DEFAULT_POOL: &str = "default";
+
+#[derive(clap::Args, Clone)]
+pub struct ConnArgs {
+    /// Nodes to ask, comma-separated: any members of the cluster.
+    #[arg(
+        long,
+        value_name = "ADDR,...",
+        env = "BALLAST_ENDPOINTS",
+        value_delimiter = ',',
+        value_parser = parse_addr,
+        default_values = DEFAULT_ENDPOINTS
+    )]
+    pub endpoints: Vec<String>,
+}
+
+impl ConnArgs {
+    pub fn admin(&self, config: ClientConfig) -> Result<AdminClient> {
+        AdminClient::new(self.endpoints.clone(), config)
+            .with_context(|| format!("cannot use endpoints {}", self.endpoints.join(",")))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct OutArgs {
+    /// How to print the answer.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailureDomainArg {
+    /// Replicas of a shard on distinct nodes.
+    Node,
+    /// Replicas on distinct zone labels (`ballast node --zone`).
+    Zone,
+}
+
+impl From<FailureDomainArg> for FailureDomain {
+    fn from(d: FailureDomainArg) -> Self {
+        match d {
+            FailureDomainArg::Node => FailureDomain::Node,
+            FailureDomainArg::Zone => FailureDomain::Zone,
+        }
+    }
+}
+
+/// How a pool is laid out; shared by `cluster init` and `pool create`.
+#[derive(clap::Args)]
+pub struct LayoutArgs {
+    /// Copies of every block (1..=5).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REPLICAS)))]
+    pub replicas: u32,
+    /// Raft groups the pool's data is spread over; fixed for the pool's life.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SHARDS)))]
+    pub shards: u32,
+    /// Never two replicas of a shard on the same node, or in the same zone.
+    #[arg(long, value_enum, default_value_t = FailureDomainArg::Node)]
+    pub failure_domain: FailureDomainArg,
+}
+
+#[derive(clap::Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Replicas of the `default` pool (1..=5).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REPLICAS)))]
+    pub replicas: u32,
+    /// Shards of the `default` pool.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SHARDS)))]
+    pub shards: u32,
+    /// Failure domain of the `default` pool.
+    #[arg(long, value_enum, default_value_t = FailureDomainArg::Node)]
+    pub failure_domain: FailureDomainArg,
+    #[command(flatten)]
+    pub out: OutArgs,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Make the --endpoints nodes the first members (meta group) of a new
+    /// cluster, with the pool `default`.
+    Init(InitArgs),
+    /// Nodes (up/down, zone, disks), the meta leader, shards and leaders per
+    /// node, under-replicated shards.
+    Status {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PoolCmd {
+    /// Create a pool: a replication factor, a shard count and a failure domain.
+    Create {
+        #[arg(value_parser = parse_name)]
+        name: String,
+        #[command(flatten)]
+        layout: LayoutArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// List the pools.
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCmd {
+    /// Create a thin-provisioned volume.
+    Create {
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Size, e.g. 10GiB (whole 4 KiB blocks).
+        #[arg(long, value_parser = parse_volume_size)]
+        size: u64,
+        /// Pool to place it in.
+        #[arg(long, default_value = DEFAULT_POOL, value_parser = parse_name)]
+        pool: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// List the volumes.
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// Show one volume.
+    Info {
+        #[arg(value_parser = parse_name)]
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// Grow a volume (online).
+    Resize {
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// New size, e.g. 20GiB.
+        #[arg(long, value_parser = parse_volume_size)]
+        size: u64,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// Delete a volume and its data.
+    Delete {
+        #[arg(value_parser = parse_name)]
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+}
+
+/// The `default` pool `cluster init` (and the demo) create.
+pub fn default_pool(replicas: u32, shards: u32, failure_domain: FailureDomain) -> PoolSpec {
+    PoolSpec { name: DEFAULT_POOL.to_string(), replicas, shards, failure_domain }
+}
+
+fn spec_view(p: &PoolSpec) -> PoolSpecView {
+    PoolSpecView {
+        name: p.name.clone(),
+        replicas: p.replicas,
+        shards: p.shards,
+        failure_domain: output::failure_domain_name(p.failure_domain),
+    }
+}
+
+pub async fn cluster(cmd: ClusterCmd) -> Result<()> {
+    match cmd {
+        ClusterCmd::Init(a) => {
+            if a.conn.endpoints.len() > MAX_META_MEMBERS {
+                return Err(super::UsageError(format!(
+                    "cluster init takes at most {MAX_META_MEMBERS} endpoints (the first meta group)"
+                ))
+                .into());
+            }
+            let admin = a.conn.admin(ClientConfig::default())?;
+            let pool = default_pool(a.replicas, a.shards, a.failure_domain.into());
+            let init = InitCluster { endpoints: a.conn.endpoints.clone(), default_pool: Some(pool.clone()) };
+            let reply = admin.init_cluster(&init).await?;
+            output::print(a.out.output, &output::init_view(&reply, Some(spec_view(&pool))), output::init_table)
+        }
+        ClusterCmd::Status { conn, out } => {
+            let status = conn.admin(ClientConfig::default())?.status().await?;
+            output::print(out.output, &output::status_view(&status), output::status_table)
+        }
+    }
+}
+
+pub async fn pool(cmd: PoolCmd) -> Result<()> {
+    match cmd {
+        PoolCmd::Create { name, layout, conn, out } => {
+            let spec = PoolSpec {
+                name,
+                replicas: layout.replicas,
+                shards: layout.shards,
+                failure_domain: layout.failure_domain.into(),
+            };
+            let pool = conn.admin(ClientConfig::default())?.create_pool(&spec).await?;
+            output::print(out.output, &output::pool_view(&pool), |p| output::pools_table(std::slice::from_ref(p)))
+        }
+        PoolCmd::List { conn, out } => {
+            let mut pools: Vec<_> =
+                conn.admin(ClientConfig::default())?.list_pools().await?.iter().map(output::pool_view).collect();
+            pools.sort_by(|a, b| a.name.cmp(&b.name));
+            output::print(out.output, &pools, |p| output::pools_table(p))
+        }
+    }
+}
+
+/// Pool names by id, to show volumes by pool name.
+async fn pool_names(admin: &AdminClient) -> Result<BTreeMap<PoolId, String>> {
+    Ok(admin.list_pools().await?.into_iter().map(|p| (p.id, p.spec.name)).collect())
+}
+
+#[derive(Serialize)]
+struct Deleted {
+    deleted: String,
+}
+
+pub async fn volume(cmd: VolumeCmd) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create { name, size, pool, conn, out } => {
+            let admin = conn.admin(ClientConfig::default())?;
+            let v = admin.create_volume(&CreateVolume { name, size, pool: pool.clone() }).await?;
+            let pools = BTreeMap::from([(v.pool, pool)]);
+            output::print(out.output, &output::volume_view(&v, &pools), output::volume_details)
+        }
+        VolumeCmd::List { conn, out } => {
+            let admin = conn.admin(ClientConfig::default())?;
+            let pools = pool_names(&admin).await?;
+            let mut vols: Vec<_> = admin.list_volumes().await?.iter().map(|v| output::volume_view(v, &pools)).collect();
+            vols.sort_by(|a, b| a.name.cmp(&b.name));
+            output::print(out.output, &vols, |v| output::volumes_table(v))
+        }
+        VolumeCmd::Info { name, conn, out } => {
+            let admin = conn.admin(ClientConfig::default())?;
+            let v = admin.volume(&name).await?;
+            let pools = pool_names(&admin).await?;
+            output::print(out.output, &output::volume_view(&v, &pools), output::volume_details)
+        }
+        VolumeCmd::Resize { name, size, conn, out } => {
+            let admin = conn.admin(ClientConfig::default())?;
+            let v = admin.resize_volume(&ResizeVolume { name, size }).await?;
+            let pools = pool_names(&admin).await?;
+            output::print(out.output, &output::volume_view(&v, &pools), output::volume_details)
+        }
+        VolumeCmd::Delete { name, conn, out } => {
+            conn.admin(ClientConfig::default())?.delete_volume(&name).await?;
+            output::print(out.output, &Deleted { deleted: name }, |d| format!("deleted volume {}\n", d.deleted))
+        }
+    }
+}

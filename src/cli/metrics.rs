@@ -1,0 +1,146 @@
+//! `GET /metrics` in the Prometheus text format, over a minimal HTTP/1.1
+//! responder: one request per connection, `Connection: close`. Scrapes are
+//! rare and small, so a web framework would be all cost.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+/// Produces the metrics text at each scrape.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Longest request head read; anything longer is refused.
+const MAX_HEAD: usize = 8 << 10;
+/// A client that has not sent its request head by then is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Answer scrapes on `listener` until `stop` resolves. Returns after every
+/// connection task has ended, so `render` (and what it holds) is released.
+pub async fn serve(listener: TcpListener, render: Render, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            res = listener.accept() => match res {
+                Ok((stream, peer)) => {
+                    let render = render.clone();
+                    conns.spawn(async move {
+                        if let Err(e) = respond(stream, &render).await {
+                            tracing::debug!(%peer, error = %e, "metrics request failed");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    conns.shutdown().await;
+}
+
+async fn respond(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+        Ok(head) => head?,
+        Err(_) => return Ok(()),
+    };
+    let reply = match head {
+        None => reply("400 Bad Request", "text/plain", "bad request\n", &[]),
+        Some(head) => {
+            let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let path = target.split('?').next().unwrap_or("");
+            match (method, path) {
+                ("GET", "/metrics") => reply("200 OK", CONTENT_TYPE, &render(), &[]),
+                ("GET", _) => reply("404 Not Found", "text/plain", "not found; try /metrics\n", &[]),
+                _ => reply("405 Method Not Allowed", "text/plain", "only GET\n", &["Allow: GET"]),
+            }
+        }
+    };
+    stream.write_all(&reply).await?;
+    stream.shutdown().await
+}
+
+/// The request head up to the blank line; `None` when it is too long or not UTF-8.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.truncate(end);
+            return Ok(String::from_utf8(buf).ok());
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(None);
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn reply(status: &str, content_type: &str, body: &str, extra: &[&str]) -> Vec<u8> {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for h in extra {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn request(addr: std::net::SocketAddr, raw: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn scrapes_get_the_text_and_other_requests_get_http_errors() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let render: Render = Arc::new(|| "ballast_up 1\n".to_string());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, render.clone(), async move {
+            let _ = rx.await;
+        }));
+
+        let ok = request(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("Content-Type: text/plain; version=0.0.4"), "{ok}");
+        assert!(ok.ends_with("\r\n\r\nballast_up 1\n"), "{ok}");
+        assert!(ok.contains("Content-Length: 13\r\n"), "{ok}");
+        let missing = request(addr, "GET / HTTP/1.1\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let post = request(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405") && post.contains("Allow: GET"), "{post}");
+        let garbage = request(addr, "\u{1}\u{2}").await;
+        assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+
+        tx.send(()).unwrap();
+        server.await.unwrap();
+        assert_eq!(Arc::strong_count(&render), 1, "the server released the renderer");
+    }
+}

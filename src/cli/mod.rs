@@ -1,0 +1,144 @@
+//! The command line: one module per command family.
+//!
+//! - [`node`]: `ballast node`, with its settings merged from flags, `BALLAST_*`
+//!   variables and a TOML file by the pure [`node_config::merge`]; [`metrics`]
+//!   is its `/metrics` responder.
+//! - [`admin`]: `cluster`, `pool` and `volume`, thin calls of `AdminClient`
+//!   rendered by [`output`] as a table or JSON.
+//! - [`serve`]: `attach` and `gateway`, NBD in front of `ClusterExports`.
+//! - [`demo`]: three node processes, cluster init, one volume, `attach`.
+//!
+//! Errors: a [`UsageError`] (bad flag value, environment or config file)
+//! exits with [`EXIT_USAGE`]; anything else, including a refusal from the
+//! cluster, exits with 1. Either way `main` prints one line.
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+use ballast_types::{parse_size, validate_addr, validate_name, validate_volume_size};
+use clap::{Parser, Subcommand};
+
+pub mod admin;
+pub mod demo;
+pub mod metrics;
+pub mod node;
+pub mod node_config;
+pub mod output;
+pub mod serve;
+pub mod signals;
+
+/// Exit code of bad arguments or configuration (clap uses the same).
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "ballast", version, about = "Replicated block volumes for containers, served over NBD")]
+pub struct Cli {
+    /// Log filter (also RUST_LOG), e.g. `info` or `ballast_nbd=debug`.
+    #[arg(long, global = true, env = "BALLAST_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format: text or json.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a storage node (until SIGINT/SIGTERM).
+    Node(node::NodeArgs),
+    /// Initialise a cluster, or show its nodes, disks and shards.
+    #[command(subcommand)]
+    Cluster(admin::ClusterCmd),
+    /// Create and list pools (replication factor, shards, failure domain).
+    #[command(subcommand)]
+    Pool(admin::PoolCmd),
+    /// Create, list, inspect, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(admin::VolumeCmd),
+    /// Serve one volume over NBD on this machine (one writer: takes the volume's epoch).
+    Attach(serve::AttachArgs),
+    /// Serve every volume over NBD, each under its name as the export name.
+    Gateway(serve::GatewayArgs),
+    /// Start three nodes on this machine, create a volume and serve it over NBD.
+    Demo(demo::DemoArgs),
+}
+
+pub async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Node(args) => node::run(args).await,
+        Command::Cluster(cmd) => admin::cluster(cmd).await,
+        Command::Pool(cmd) => admin::pool(cmd).await,
+        Command::Volume(cmd) => admin::volume(cmd).await,
+        Command::Attach(args) => serve::attach(args).await,
+        Command::Gateway(args) => serve::gateway(args).await,
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+/// Bad arguments, environment or configuration: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit code for a failed command.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<UsageError>().is_some() {
+        EXIT_USAGE
+    } else {
+        1
+    }
+}
+
+// ----- value parsers shared by the commands (clap reports their errors as usage errors) -----
+
+/// A volume, pool or zone name.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    validate_name(s).map_err(|e| format!("invalid name {s:?}: {e}"))?;
+    Ok(s.to_string())
+}
+
+/// A node address `host:port` (not resolved here).
+pub fn parse_addr(s: &str) -> Result<String, String> {
+    validate_addr(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+/// A socket address `IP:PORT` to listen on.
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("invalid address {s:?}: expected IP:PORT, e.g. 127.0.0.1:7100"))
+}
+
+/// A volume size: a human size (`10GiB`) that is a valid volume size.
+pub fn parse_volume_size(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    validate_volume_size(size).map_err(|e| format!("invalid size {s:?}: {e}"))?;
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn usage_errors_exit_2_and_others_exit_1() {
+        let usage: anyhow::Error = UsageError("bad".into()).into();
+        assert_eq!(exit_code(&usage), 2);
+        assert_eq!(exit_code(&usage.context("reading the config")), 2);
+        assert_eq!(exit_code(&anyhow::anyhow!("refused")), 1);
+    }
+
+    #[test]
+    fn volume_sizes_are_checked_before_any_call() {
+        assert_eq!(parse_volume_size("1GiB"), Ok(1 << 30));
+        assert!(parse_volume_size("0").is_err());
+        assert!(parse_volume_size("1000").is_err(), "not whole 4 KiB blocks");
+        assert!(parse_volume_size("3parsecs").is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! `ballast node`: one storage node, until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ballast_node::{Node, NodeConfig};
+
+use super::metrics;
+use super::node_config::{env_layer, load_file, merge, Layer, NodeSettings};
+use super::signals::Signals;
+use super::{parse_addr, parse_name, parse_socket_addr, UsageError};
+
+/// Settings come from flags, then `BALLAST_*` variables, then `--config`, then defaults.
+#[derive(clap::Args)]
+#[command(after_help = "Every option may also come from the environment (BALLAST_DATA_DIR as a comma-separated \
+    list, BALLAST_LISTEN, BALLAST_ADVERTISE, BALLAST_ZONE, BALLAST_METRICS, BALLAST_JOIN) or from the TOML \
+    file of --config (keys data_dirs, listen, advertise, zone, metrics, join). A flag beats the environment, \
+    which beats the file.")]
+pub struct NodeArgs {
+    /// A disk for this node's data, one RocksDB each; repeat for several disks.
+    #[arg(long = "data-dir", value_name = "DIR")]
+    pub data_dirs: Vec<PathBuf>,
+    /// Address for peers and clients (gRPC) [default: 0.0.0.0:7100].
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub listen: Option<SocketAddr>,
+    /// Address others reach this node at, host:port [default: derived from --listen].
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub advertise: Option<String>,
+    /// Failure-domain label (rack, room, ...) for pools that spread over zones.
+    #[arg(long, value_name = "LABEL", value_parser = parse_name)]
+    pub zone: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub metrics: Option<SocketAddr>,
+    /// Join the cluster through these nodes (comma-separated); without it the
+    /// node waits for `ballast cluster init` (or rejoins from its data dirs).
+    #[arg(long, value_name = "ADDR,...", value_delimiter = ',', value_parser = parse_addr)]
+    pub join: Vec<String>,
+    /// TOML file with the same settings.
+    #[arg(long, value_name = "FILE", env = "BALLAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Stop (SIGTERM) when the parent process dies; used by `ballast demo`.
+    #[arg(long, hide = true)]
+    pub exit_with_parent: bool,
+}
+
+impl NodeArgs {
+    fn flag_layer(&self) -> Layer {
+        Layer {
+            data_dirs: Some(self.data_dirs.clone()),
+            listen: self.listen.map(|a| a.to_string()),
+            advertise: self.advertise.clone(),
+            zone: self.zone.clone(),
+            metrics: self.metrics.map(|a| a.to_string()),
+            join: Some(self.join.clone()),
+        }
+    }
+}
+
+/// The settings this invocation means: flags, environment and file merged.
+pub fn settings(args: &NodeArgs) -> Result<NodeSettings, UsageError> {
+    let file = match &args.config {
+        Some(path) => load_file(path).map_err(UsageError)?,
+        None => Layer::default(),
+    };
+    let env = env_layer(|k| std::env::var(k).ok());
+    merge(&args.flag_layer(), &env, &file).map_err(UsageError)
+}
+
+pub async fn run(args: NodeArgs) -> Result<()> {
+    let settings = settings(&args)?;
+    if args.exit_with_parent {
+        exit_with_parent()?;
+    }
+    let mut signals = Signals::install()?;
+    // Bind metrics first: a taken port fails before the node opens its disks.
+    let metrics_listener = match settings.metrics {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?)
+        }
+        None => None,
+    };
+
+    let mut config = NodeConfig::daemon(settings.listen, settings.advertise.clone(), settings.data_dirs.clone());
+    config.zone = settings.zone.clone();
+    config.join = settings.join.clone();
+    let handle = tokio::select! {
+        started = Node::start(config) => Arc::new(started.context("starting the node")?),
+        () = signals.recv() => return Ok(()),
+    };
+    tracing::info!(
+        listen = %handle.local_addr(),
+        advertise = handle.advertise(),
+        data_dirs = ?settings.data_dirs,
+        zone = settings.zone.as_deref().unwrap_or("-"),
+        join = ?settings.join,
+        "node running"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = metrics_listener.map(|listener| {
+        tracing::info!(addr = %settings.metrics.map(|a| a.to_string()).unwrap_or_default(), "serving /metrics");
+        let node = handle.clone();
+        let render: metrics::Render = Arc::new(move || node.metrics_text());
+        tokio::spawn(metrics::serve(listener, render, async move {
+            let _ = stop_rx.await;
+        }))
+    });
+
+    signals.recv().await;
+    let _ = stop_tx.send(());
+    if let Some(task) = metrics_task {
+        task.await.context("metrics responder")?;
+    }
+    let handle =
+        Arc::try_unwrap(handle).map_err(|_| anyhow!("internal: the node handle is still shared at shutdown"))?;
+    handle.shutdown().await.context("stopping the node")?;
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+/// Ask the kernel for SIGTERM when our parent dies, so a demo's nodes never
+/// outlive it (even after `kill -9`). The signal follows the parent *thread*
+/// that forked us; `ballast demo` forks from its main thread.
+fn exit_with_parent() -> Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG only sets a per-process attribute; no memory is passed.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) };
+    if rc != 0 {
+        bail!("prctl(PR_SET_PDEATHSIG): {}", std::io::Error::last_os_error());
+    }
+    // The parent may have died before the prctl: we were then re-parented.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } == 1 {
+        bail!("the parent process exited before this node started");
+    }
+    Ok(())
+}
