@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Build the ballast image from deploy/Dockerfile (tag ballast:dev unless --tag).
+#
+#   deploy/build-image.sh              from source: rust:1-bookworm, then debian:bookworm-slim
+#                                      (the way users build it; both images come from a registry)
+#   deploy/build-image.sh --prebuilt   `cargo build --bins` here, then that binary on
+#                                      debian:bookworm-slim (or --base IMAGE)
+#   deploy/build-image.sh --offline    `cargo build --bins` here, then that binary on a base made
+#                                      here from its shared libraries, the dynamic loader, /bin/sh
+#                                      and sleep (tagged ballast-base:offline): pulls nothing
+#
+# Options: --tag TAG; --binary PATH uses that binary instead of building one;
+# --base IMAGE (with --prebuilt) the image to put the binary on.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=source tag=ballast:dev binary="" base=debian:bookworm-slim
+offline_base=ballast-base:offline
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --offline) mode=offline ;;
+    --prebuilt) mode=prebuilt ;;
+    --tag) tag=${2:?--tag needs a value}; shift ;;
+    --binary) binary=${2:?--binary needs a path}; shift ;;
+    --base) base=${2:?--base needs an image}; shift ;;
+    -h|--help) usage ;;
+    *) echo "build-image: unknown argument $1" >&2; usage ;;
+  esac
+  shift
+done
+
+if [ "$mode" = source ]; then
+  echo "build-image: compiling from source in the Dockerfile (context: $(pwd))"
+  exec docker build -f deploy/Dockerfile -t "$tag" .
+fi
+
+if [ -z "$binary" ]; then
+  . scripts/env.sh
+  echo "build-image: cargo build --bins"
+  cargo build --bins
+  binary="$CARGO_TARGET_DIR/debug/ballast"
+fi
+[ -x "$binary" ] || { echo "build-image: no executable binary at $binary" >&2; exit 1; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# The shared objects an ELF file loads, the dynamic loader included, one path a line.
+libs_of() {
+  ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
+}
+
+# A root file system with just what the binary (and the init service's shell
+# loop) needs, imported as an image: no registry involved.
+make_offline_base() {
+  local root="$work/rootfs" sh sleep f
+  sh=$(readlink -f /bin/sh) sleep=$(command -v sleep)
+  mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/usr/local/bin"
+  chmod 1777 "$root/tmp"
+  cp "$sh" "$root/bin/sh"
+  cp "$sleep" "$root/bin/sleep"
+  {
+    libs_of "$binary"; libs_of "$sh"; libs_of "$sleep"
+    # Host lookups: glibc's NSS modules, where this glibc still ships them apart.
+    for f in /lib/x86_64-linux-gnu/libnss_dns.so.2 /lib/x86_64-linux-gnu/libnss_files.so.2; do
+      [ -e "$f" ] && echo "$f"
+    done
+  } | sort -u | while read -r f; do
+    cp -L --parents "$f" "$root/"
+  done
+  printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
+  printf 'root:x:0:0:root:/root:/bin/sh\nballast:x:10001:10001:ballast:/data:/bin/sh\n' >"$root/etc/passwd"
+  printf 'root:x:0:\nballast:x:10001:\n' >"$root/etc/group"
+  echo "build-image: importing $offline_base ($(du -sh "$root" | cut -f1): $(find "$root" -type f | wc -l) files)"
+  tar -C "$root" --numeric-owner --owner=0 --group=0 -cf - . | docker import - "$offline_base" >/dev/null
+}
+
+if [ "$mode" = offline ]; then
+  make_offline_base
+  base=$offline_base
+fi
+
+ctx="$work/context"
+mkdir -p "$ctx/data"
+cp "$binary" "$ctx/ballast"
+echo "build-image: $binary ($(du -h "$ctx/ballast" | cut -f1)) on $base -> $tag"
+docker build -q -f deploy/Dockerfile --target prebuilt --build-arg "BASE=$base" -t "$tag" "$ctx" >/dev/null
+docker run --rm "$tag" --version
