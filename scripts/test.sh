@@ -15,6 +15,7 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --no-fail-fast -- "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+echo "== container tests"; bash tests/containers.sh 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1
 set -e
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } }
