@@ -179,6 +179,14 @@ A=(loss 11 0 $((12 * MiB)))
 B=(partition 12 $((64 * MiB)) $((8 * MiB)))
 C=(scaled 13 0 $((8 * MiB)))
 
+# ---- 0. the deployment files parse -----------------------------------------------
+dc5 config -q
+if command -v kubectl >/dev/null 2>&1; then
+  say "kubectl kustomize deploy/kubernetes: $(kubectl kustomize deploy/kubernetes | grep -c '^kind:') objects"
+else
+  say "kubectl not found: the Kubernetes manifests are not rendered here (tests/deploy_manifests.rs checks their flags)"
+fi
+
 # ---- 1. image ------------------------------------------------------------------
 build=(deploy/build-image.sh --offline --tag "$BALLAST_IMAGE")
 [ -n "${BALLAST_CT_BINARY:-}" ] && build+=(--binary "$BALLAST_CT_BINARY")
