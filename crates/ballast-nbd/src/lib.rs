@@ -9,16 +9,15 @@
 //!
 //! Layout:
 //! - [`device`]: the contract the server is generic over.
-//! - `proto`: wire constants and pure encoders/decoders.
+//! - [`proto`]: wire constants and pure encoders/decoders (public so the
+//!   codec benchmarks and other NBD tools reuse them).
 //! - `handshake`: option haggling up to the chosen export.
 //! - `transmission`: the request/reply loop with many requests in flight.
 //! - `server`: [`NbdServer`], accept loops and per-connection plumbing.
 
 pub mod device;
 mod handshake;
-// The full constant table of the spec is kept even where we send no such value.
-#[allow(dead_code)]
-mod proto;
+pub mod proto;
 mod server;
 mod transmission;
 
