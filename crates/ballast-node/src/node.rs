@@ -255,6 +255,26 @@ fn hostname() -> String {
 
 /// Open a data dir, waiting (bounded) for a previous instance's lock.
 async fn open_disk(dir: PathBuf, rocks: RocksConfig) -> Result<Disk, NodeError> {
+    let store = open_store(dir.clone(), rocks.clone()).await?;
+    if store.holds_raft_logs()? {
+        return Err(NodeError::Io(std::io::Error::other(format!(
+            "{} was written by an older Ballast that kept Raft logs inside the block database; \
+             this version keeps them in {}/{LOG_DB_DIR}: start from an empty data dir",
+            dir.display(),
+            dir.display()
+        ))));
+    }
+    let log_store = open_store(dir.join(LOG_DB_DIR), RocksConfig::raft_log()).await?;
+    let writer = LogWriter::spawn(log_store)?;
+    Ok(Disk { dir, store, writer })
+}
+
+/// The Raft logs of a disk's groups live in their own RocksDB under the data
+/// dir, so the block writes of `apply` never queue behind a log fsync in one
+/// database's write path (see docs/decisions.md).
+pub(crate) const LOG_DB_DIR: &str = "raft-log";
+
+async fn open_store(dir: PathBuf, rocks: RocksConfig) -> Result<Arc<RocksStore>, NodeError> {
     let deadline = Instant::now() + REOPEN_WAIT;
     let store = loop {
         let (d, r) = (dir.clone(), rocks.clone());
@@ -270,8 +290,7 @@ async fn open_disk(dir: PathBuf, rocks: RocksConfig) -> Result<Disk, NodeError> 
             Err(e) => return Err(e.into()),
         }
     };
-    let writer = LogWriter::spawn(store.clone())?;
-    Ok(Disk { dir, store, writer })
+    Ok(store)
 }
 
 /// Capacity and use of the file system holding `dir`.

@@ -53,6 +53,20 @@ fn decode_index(group: GroupId, key: &[u8]) -> Result<u64, StorageError> {
 }
 
 impl RocksStore {
+    /// Whether any Raft group has a log entry or state in this database.
+    pub fn holds_raft_logs(&self) -> Result<bool, StorageError> {
+        for cf in [CF_RAFT_LOG, CF_RAFT_STATE] {
+            let mut it = self.db.raw_iterator_cf(self.cf(cf)?);
+            it.seek_to_first();
+            let found = it.valid();
+            it.status().map_err(engine)?;
+            if found {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn log_range(&self, group: GroupId, range: Range<u64>) -> ReadOptions {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(log_key(group, range.start).to_vec());
