@@ -182,6 +182,8 @@ fn fio_args(name: &str, seed: u64, size: u64, verify_only: bool) -> Vec<String> 
         "--iodepth=16".into(),
         format!("--size={size}"),
         "--verify=crc32c".into(),
+        // No verify-state file in the working directory.
+        "--verify_state_save=0".into(),
         "--do_verify=1".into(),
         "--verify_fatal=1".into(),
         format!("--randseed={}", seed & (i64::MAX as u64)),

@@ -401,6 +401,8 @@ fn fio_nbd_engine_mixed_random_io_verifies_crc32c_single_and_multi_connection() 
             "--bssplit=4k/40:8k/20:16k/20:64k/20".into(),
             "--iodepth=16".into(),
             "--verify=crc32c".into(),
+            // No verify-state file in the working directory.
+            "--verify_state_save=0".into(),
             "--do_verify=1".into(),
             "--verify_fatal=1".into(),
             // Overlapping in-flight writes may land in either order; keep

@@ -136,6 +136,7 @@ fn fio(uri: &str, dir: &Path, name: &str, extra: &[&str]) -> Command {
         "--bs=4k",
         "--iodepth=16",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--do_verify=1",
         "--verify_fatal=1",
         "--serialize_overlap=1",
