@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the ballast image from deploy/Dockerfile (tag ballast:dev unless --tag).
 #
-#   deploy/build-image.sh              from source: rust:1-bookworm, then debian:bookworm-slim
-#                                      (the way users build it; both images come from a registry)
+#   deploy/build-image.sh              from source: compiled in rust:1-bookworm, run on
+#                                      debian:bookworm-slim (the way users build it; both
+#                                      images come from a registry)
 #   deploy/build-image.sh --prebuilt   `cargo build --bins` here, then that binary on
 #                                      debian:bookworm-slim (or --base IMAGE)
 #   deploy/build-image.sh --offline    `cargo build --bins` here, then that binary on a base made
@@ -10,13 +11,13 @@
 #                                      and sleep (tagged ballast-base:offline): pulls nothing
 #
 # Options: --tag TAG; --binary PATH uses that binary instead of building one;
-# --base IMAGE (with --prebuilt) the image to put the binary on.
+# --base IMAGE the image to run on (default debian:bookworm-slim).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=source tag=ballast:dev binary="" base=debian:bookworm-slim
 offline_base=ballast-base:offline
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --offline) mode=offline ;;
@@ -31,8 +32,8 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$mode" = source ]; then
-  echo "build-image: compiling from source in the Dockerfile (context: $(pwd))"
-  exec docker build -f deploy/Dockerfile -t "$tag" .
+  echo "build-image: compiling from source in the Dockerfile (context: $(pwd)) to run on $base"
+  exec docker build -f deploy/Dockerfile --build-arg "BASE=$base" -t "$tag" .
 fi
 
 if [ -z "$binary" ]; then
@@ -51,10 +52,10 @@ libs_of() {
   ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
 }
 
-# A root file system with just what the binary (and the init service's shell
-# loop) needs, imported as an image: no registry involved.
-make_offline_base() {
-  local root="$work/rootfs" sh sleep f
+# A root file system with just what the binary (and the compose init
+# service's shell loop) needs: its shared libraries, the loader, /bin/sh, sleep.
+make_rootfs() {
+  local root=$1 sh sleep f
   sh=$(readlink -f /bin/sh) sleep=$(command -v sleep)
   mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/usr/local/bin"
   chmod 1777 "$root/tmp"
@@ -64,7 +65,7 @@ make_offline_base() {
     libs_of "$binary"; libs_of "$sh"; libs_of "$sleep"
     # Host lookups: glibc's NSS modules, where this glibc still ships them apart.
     for f in /lib/x86_64-linux-gnu/libnss_dns.so.2 /lib/x86_64-linux-gnu/libnss_files.so.2; do
-      [ -e "$f" ] && echo "$f"
+      if [ -e "$f" ]; then echo "$f"; fi
     done
   } | sort -u | while read -r f; do
     cp -L --parents "$f" "$root/"
@@ -72,18 +73,32 @@ make_offline_base() {
   printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
   printf 'root:x:0:0:root:/root:/bin/sh\nballast:x:10001:10001:ballast:/data:/bin/sh\n' >"$root/etc/passwd"
   printf 'root:x:0:\nballast:x:10001:\n' >"$root/etc/group"
-  echo "build-image: importing $offline_base ($(du -sh "$root" | cut -f1): $(find "$root" -type f | wc -l) files)"
-  tar -C "$root" --numeric-owner --owner=0 --group=0 -cf - . | docker import - "$offline_base" >/dev/null
 }
 
+import_rootfs() { tar -C "$1" --numeric-owner --owner=0 --group=0 -cf - . | docker import - "$2" >/dev/null; }
+image_id() { docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true; }
+# Drop an image a rebuild untagged, unless something still uses it.
+drop_if_replaced() { if [ -n "$1" ] && [ "$1" != "$(image_id "$2")" ]; then docker rmi "$1" >/dev/null 2>&1 || true; fi; }
+old_image=$(image_id "$tag") old_base=$(image_id "$offline_base")
+
+# The base to run on (offline) and the builder image that hands the Dockerfile
+# the binary: the same files, plus the binary and /empty in the builder.
+root="$work/rootfs"
+make_rootfs "$root"
 if [ "$mode" = offline ]; then
-  make_offline_base
+  import_rootfs "$root" "$offline_base"
+  echo "build-image: imported $offline_base ($(du -sh "$root" | cut -f1), $(find "$root" -type f | wc -l) files)"
   base=$offline_base
 fi
-
-ctx="$work/context"
-mkdir -p "$ctx/data"
-cp "$binary" "$ctx/ballast"
-echo "build-image: $binary ($(du -h "$ctx/ballast" | cut -f1)) on $base -> $tag"
-docker build -q -f deploy/Dockerfile --target prebuilt --build-arg "BASE=$base" -t "$tag" "$ctx" >/dev/null
+builder=ballast-builder:prebuilt
+install -m 0755 "$binary" "$root/usr/local/bin/ballast"
+mkdir "$root/empty"
+import_rootfs "$root" "$builder"
+mkdir "$work/context"
+echo "build-image: $binary ($(du -h "$binary" | cut -f1)) on $base -> $tag"
+docker build -q -f deploy/Dockerfile --build-arg "BUILDER=$builder" --build-arg "BASE=$base" -t "$tag" "$work/context" >/dev/null
+docker rmi "$builder" >/dev/null
+docker images -q -f dangling=true -f label=org.ballast.stage=build | xargs -r docker rmi >/dev/null 2>&1 || true
+drop_if_replaced "$old_image" "$tag"
+drop_if_replaced "$old_base" "$offline_base"
 docker run --rm "$tag" --version
