@@ -37,6 +37,7 @@ if [ "$mode" = source ]; then
 fi
 
 if [ -z "$binary" ]; then
+  # shellcheck source=scripts/env.sh
   . scripts/env.sh
   echo "build-image: cargo build --bins"
   cargo build --bins
