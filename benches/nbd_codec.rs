@@ -1,38 +1,31 @@
 //! The NBD wire codec, per message: what the server spends decoding a request
-//! header and encoding each kind of reply (`ballast_nbd::proto`). These run
-//! once per request on every connection's reader and writer tasks, so they
-//! must stay far below the cost of the I/O they frame.
+//! header and encoding each kind of reply (`ballast_nbd::proto`), and what the
+//! client (`ballast_nbd::client`, the `ballast bench` load generator) spends
+//! encoding requests and decoding reply headers. These run once per request
+//! on every connection's reader and writer tasks, so they must stay far below
+//! the cost of the I/O they frame.
 //!
 //! `cargo bench --bench nbd_codec -- --warm-up-time 1 --measurement-time 2`
 
 use std::hint::black_box;
 
-use ballast_nbd::proto::{self, RequestHeader, REQUEST_HEADER_LEN};
+use ballast_nbd::client;
+use ballast_nbd::proto::{self, RequestHeader, CHUNK_HEADER_LEN, SIMPLE_REPLY_LEN};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-/// A request header as a client puts it on the wire (big-endian, compact).
-fn wire_request(h: &RequestHeader) -> [u8; REQUEST_HEADER_LEN] {
-    let mut b = [0u8; REQUEST_HEADER_LEN];
-    b[0..4].copy_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
-    b[4..6].copy_from_slice(&h.flags.to_be_bytes());
-    b[6..8].copy_from_slice(&h.typ.to_be_bytes());
-    b[8..16].copy_from_slice(&h.cookie.to_be_bytes());
-    b[16..24].copy_from_slice(&h.offset.to_be_bytes());
-    b[24..28].copy_from_slice(&h.len.to_be_bytes());
-    b
-}
+const WRITE_4K: RequestHeader = RequestHeader {
+    flags: proto::CMD_FLAG_FUA,
+    typ: proto::CMD_WRITE,
+    cookie: 0x0123_4567_89ab_cdef,
+    offset: 1 << 30,
+    len: 4096,
+};
 
 fn server_side(c: &mut Criterion) {
     let mut g = c.benchmark_group("nbd_codec/server");
     g.throughput(Throughput::Elements(1));
 
-    let write = wire_request(&RequestHeader {
-        flags: proto::CMD_FLAG_FUA,
-        typ: proto::CMD_WRITE,
-        cookie: 0x0123_4567_89ab_cdef,
-        offset: 1 << 30,
-        len: 4096,
-    });
+    let write = client::encode_request(&WRITE_4K);
     g.bench_function("decode_request", |b| b.iter(|| proto::decode_request(black_box(&write))));
     let mut bad = write;
     bad[0] ^= 0xff;
@@ -58,5 +51,18 @@ fn server_side(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, server_side);
+fn client_side(c: &mut Criterion) {
+    let mut g = c.benchmark_group("nbd_codec/client");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encode_request", |b| b.iter(|| client::encode_request(black_box(&WRITE_4K))));
+
+    let simple: [u8; SIMPLE_REPLY_LEN] = proto::simple_reply(42, 0)[..].try_into().expect("16-byte simple reply");
+    g.bench_function("decode_simple_reply", |b| b.iter(|| client::decode_simple_reply(black_box(&simple))));
+    let data = proto::offset_data_header(42, true, 1 << 30, 4096).expect("4 KiB fits a chunk");
+    let chunk: [u8; CHUNK_HEADER_LEN] = data[..CHUNK_HEADER_LEN].try_into().expect("20-byte chunk header");
+    g.bench_function("decode_chunk_header", |b| b.iter(|| client::decode_chunk_header(black_box(&chunk))));
+    g.finish();
+}
+
+criterion_group!(benches, server_side, client_side);
 criterion_main!(benches);

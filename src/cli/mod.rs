@@ -7,6 +7,7 @@
 //!   rendered by [`output`] as a table or JSON.
 //! - [`serve`]: `attach` and `gateway`, NBD in front of `ClusterExports`.
 //! - [`demo`]: three node processes, cluster init, one volume, `attach`.
+//! - [`bench`]: a fixed NBD benchmark suite against any export(s).
 //!
 //! Errors: a [`UsageError`] (bad flag value, environment or config file)
 //! exits with [`EXIT_USAGE`]; anything else, including a refusal from the
@@ -19,6 +20,7 @@ use ballast_types::{parse_size, validate_addr, validate_name, validate_volume_si
 use clap::{Parser, Subcommand};
 
 pub mod admin;
+pub mod bench;
 pub mod demo;
 pub mod metrics;
 pub mod node;
@@ -62,6 +64,8 @@ pub enum Command {
     Gateway(serve::GatewayArgs),
     /// Start three nodes on this machine, create a volume and serve it over NBD.
     Demo(demo::DemoArgs),
+    /// Measure any NBD export with a fixed suite (random/sequential I/O, QD1-32), or compare two.
+    Bench(bench::BenchArgs),
 }
 
 pub async fn run(command: Command) -> Result<()> {
@@ -73,6 +77,7 @@ pub async fn run(command: Command) -> Result<()> {
         Command::Attach(args) => serve::attach(args).await,
         Command::Gateway(args) => serve::gateway(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 

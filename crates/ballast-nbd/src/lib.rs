@@ -9,12 +9,15 @@
 //!
 //! Layout:
 //! - [`device`]: the contract the server is generic over.
+//! - [`client`]: an asynchronous NBD client (handshake, pipelined requests),
+//!   used by `ballast bench` to drive any NBD server.
 //! - [`proto`]: wire constants and pure encoders/decoders (public so the
 //!   codec benchmarks and other NBD tools reuse them).
 //! - `handshake`: option haggling up to the chosen export.
 //! - `transmission`: the request/reply loop with many requests in flight.
 //! - `server`: [`NbdServer`], accept loops and per-connection plumbing.
 
+pub mod client;
 pub mod device;
 mod handshake;
 pub mod proto;
