@@ -20,7 +20,7 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotRespon
 use openraft::Snapshot;
 
 use crate::snapshot::ShardSnapshot;
-use crate::types::{BallastNode, GroupId, NodeId, TypeConfig, Vote};
+use crate::types::{BallastNode, GroupId, NodeId, ShardRequest, TypeConfig, Vote};
 
 /// Why a transport call failed. Every variant means "no answer": openraft
 /// retries with backoff.
@@ -111,6 +111,42 @@ pub struct ShardNetwork<T: Transport> {
     node: BallastNode,
 }
 
+/// Most entry payload bytes in one AppendEntries (at least one entry is
+/// always sent; a single write is at most `MAX_IO_LEN`).
+pub const MAX_APPEND_BYTES: usize = 8 << 20;
+
+/// Bytes an entry adds to an AppendEntries message, roughly: its payload
+/// plus a fixed allowance for ids and framing.
+fn entry_bytes(e: &crate::types::Entry) -> usize {
+    const OVERHEAD: usize = 64;
+    match &e.payload {
+        openraft::EntryPayload::Normal(ShardRequest::Write { data, .. }) => OVERHEAD + data.len(),
+        _ => OVERHEAD,
+    }
+}
+
+/// How many leading entries fit in `budget` bytes (at least one), and their size.
+fn entries_within(entries: &[crate::types::Entry], budget: usize) -> (usize, usize) {
+    let mut bytes = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let b = entry_bytes(e);
+        if i > 0 && bytes + b > budget {
+            return (i, bytes);
+        }
+        bytes += b;
+    }
+    (entries.len(), bytes)
+}
+
+/// openraft's deadline for an AppendEntries is one heartbeat interval,
+/// meant for heartbeats. A message carrying data also needs time to cross
+/// the wire and be fsync'd on a busy follower: give it at least two seconds
+/// plus a second per 8 MiB, or a large batch never completes and is resent
+/// forever.
+fn append_timeout(ttl: Duration, bytes: usize) -> Duration {
+    ttl.max(Duration::from_secs(2)) + Duration::from_millis((bytes as u64 * 1000) / (8 << 20))
+}
+
 fn rpc_error(e: TransportError) -> RPCError<TypeConfig> {
     RPCError::Unreachable(Unreachable::new(&e))
 }
@@ -118,13 +154,29 @@ fn rpc_error(e: TransportError) -> RPCError<TypeConfig> {
 impl<T: Transport> RaftNetworkV2<TypeConfig> for ShardNetwork<T> {
     type SnapshotData = ShardSnapshot;
 
+    /// Sends at most [`MAX_APPEND_BYTES`] of entries per call: openraft
+    /// batches up to `max_payload_entries` entries whatever their size, and
+    /// a backlog of large writes would otherwise make one message larger
+    /// than the transport accepts (or slower than its deadline) and stall
+    /// the follower for good. A cut batch is answered with `PartialSuccess`
+    /// and openraft continues from there.
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let call = self.transport.append_entries(self.target, &self.node, self.group, rpc, option.hard_ttl());
-        call.await.map_err(rpc_error)
+        let (keep, bytes) = entries_within(&rpc.entries, MAX_APPEND_BYTES);
+        let cut = keep < rpc.entries.len();
+        if cut {
+            rpc.entries.truncate(keep);
+        }
+        let last_sent = rpc.entries.last().map(|e| e.log_id.clone());
+        let timeout = append_timeout(option.hard_ttl(), bytes);
+        let call = self.transport.append_entries(self.target, &self.node, self.group, rpc, timeout);
+        match call.await.map_err(rpc_error)? {
+            AppendEntriesResponse::Success if cut => Ok(AppendEntriesResponse::PartialSuccess(last_sent)),
+            other => Ok(other),
+        }
     }
 
     async fn vote(
@@ -147,5 +199,44 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for ShardNetwork<T> {
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = send => r.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Entry;
+    use ballast_types::VolumeId;
+    use bytes::Bytes;
+    use openraft::entry::RaftEntry;
+
+    fn write(index: u64, len: usize) -> Entry {
+        let req = ShardRequest::Write { volume: VolumeId(1), epoch: 1, offset: 0, data: Bytes::from(vec![0u8; len]) };
+        let log_id = crate::types::LogId::new(
+            <openraft::impls::leader_id_adv::LeaderId<u64, u64> as openraft::vote::RaftLeaderId>::new(1, 1),
+            index,
+        );
+        Entry::new_normal(log_id, req)
+    }
+
+    #[test]
+    fn append_batches_are_cut_by_bytes_but_always_carry_one_entry() {
+        let big: Vec<Entry> = (1..=40).map(|i| write(i, 1 << 20)).collect();
+        let (keep, bytes) = entries_within(&big, MAX_APPEND_BYTES);
+        assert_eq!(keep, 7, "7 entries of 1 MiB + overhead fit in 8 MiB");
+        assert!(bytes <= MAX_APPEND_BYTES);
+        let huge = vec![write(1, 32 << 20), write(2, 4096)];
+        assert_eq!(entries_within(&huge, MAX_APPEND_BYTES).0, 1, "an oversized first entry still goes alone");
+        let small: Vec<Entry> = (1..=300).map(|i| write(i, 4096)).collect();
+        assert_eq!(entries_within(&small, MAX_APPEND_BYTES).0, 300, "small entries are not cut");
+        assert_eq!(entries_within(&[], MAX_APPEND_BYTES), (0, 0));
+    }
+
+    #[test]
+    fn append_deadline_grows_with_the_payload() {
+        let hb = Duration::from_millis(250);
+        assert_eq!(append_timeout(hb, 0), Duration::from_secs(2));
+        assert_eq!(append_timeout(hb, 8 << 20), Duration::from_secs(3));
+        assert_eq!(append_timeout(Duration::from_secs(5), 0), Duration::from_secs(5));
     }
 }

@@ -165,7 +165,9 @@ impl<S: BlockStore> ShardGroup<S> {
         }
         let caught_up = {
             let m = self.raft.metrics().borrow_watched().clone();
-            if m.current_leader != Some(self.spec.node) || !m.membership_config.membership().voter_ids().any(|v| v == preferred) {
+            if m.current_leader != Some(self.spec.node)
+                || !m.membership_config.membership().voter_ids().any(|v| v == preferred)
+            {
                 return Ok(false);
             }
             let last = m.last_log_index.unwrap_or(0);
