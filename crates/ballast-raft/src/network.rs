@@ -170,7 +170,7 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for ShardNetwork<T> {
         if cut {
             rpc.entries.truncate(keep);
         }
-        let last_sent = rpc.entries.last().map(|e| e.log_id.clone());
+        let last_sent = rpc.entries.last().map(|e| e.log_id);
         let timeout = append_timeout(option.hard_ttl(), bytes);
         let call = self.transport.append_entries(self.target, &self.node, self.group, rpc, timeout);
         match call.await.map_err(rpc_error)? {
