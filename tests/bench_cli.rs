@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{cmd, require_tool, run_capture, wait_until};
+use common::{cmd, free_port, require_tool, run_capture, wait_until};
 
 const EXPORT_SIZE: u64 = 32 << 20;
 const TESTS: [&str; 8] =
@@ -27,7 +27,7 @@ impl QemuNbd {
         let file = dir.join(format!("{name}.raw"));
         std::fs::File::create(&file).and_then(|f| f.set_len(EXPORT_SIZE)).expect("create raw file");
         // A free port: bind, note, release. qemu-nbd takes it a moment later.
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let port = free_port();
         let child = Command::new(qemu_nbd)
             .args(["--cache=none", "--aio=threads", "-f", "raw", "--persistent", "--shared=8", "-b", "127.0.0.1"])
             .args(["-p", &port.to_string(), "-x", "ref"])
@@ -154,7 +154,7 @@ fn bad_arguments_get_one_line_and_exit_2() {
 #[test]
 fn an_unreachable_target_fails_with_one_line_and_exit_1() {
     // A port nothing listens on.
-    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let port = free_port();
     let out = ballast(&["bench", &format!("nbd://127.0.0.1:{port}/x"), "--suite", "quick"]);
     let stderr = out.stderr.trim_end();
     assert_eq!(out.status.code(), Some(1), "{}", out.describe());

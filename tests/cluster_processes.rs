@@ -14,7 +14,6 @@
 mod common;
 
 use std::fs::OpenOptions;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,10 +24,6 @@ const MIB: u64 = 1 << 20;
 const SHORT: Duration = Duration::from_secs(60);
 const LONG: Duration = Duration::from_secs(300);
 const BIN: &str = env!("CARGO_BIN_EXE_ballast");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
 
 /// One `ballast node` process with its own data dir and port.
 struct NodeProc {

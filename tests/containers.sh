@@ -222,6 +222,14 @@ wait_healthy 3
 
 # ---- 4. a node partitioned --------------------------------------------------------
 net=$(cluster_net)
+# Verify both regions written so far; $1 says when, in the log line.
+verify_a_and_b() {
+  local r
+  r=$(fio_job "${A[@]}" verify)
+  say "verify ${A[0]}$1: $r"
+  r=$(fio_job "${B[@]}" verify)
+  say "verify ${B[0]}$1: $r"
+}
 victim=$(cid node2)
 ip_of() { docker inspect -f "{{with index .NetworkSettings.Networks \"$net\"}}{{.IPAddress}}{{end}}" "$victim"; }
 old_ip=$(ip_of)
@@ -235,10 +243,7 @@ sleep 5
 docker network connect --alias node2 "$net" "$victim"
 say "reconnected node2 after $((SECONDS - cut_at)) s away, now at $(ip_of)"
 wait_healthy 3
-r=$(fio_job "${A[@]}" verify)
-say "verify ${A[0]}: $r"
-r=$(fio_job "${B[@]}" verify)
-say "verify ${B[0]}: $r"
+verify_a_and_b ""
 
 # ---- 5. down and up again: the named volumes keep every block ------------------
 say "down (volumes kept), then up again"
@@ -247,10 +252,7 @@ dc up -d
 say "init on a cluster that exists: $(docker logs "$(cid init)" 2>&1 | tr '\n' ' ' | cut -c1-300)"
 wait_gateway
 wait_healthy 3
-r=$(fio_job "${A[@]}" verify)
-say "verify ${A[0]} after down/up: $r"
-r=$(fio_job "${B[@]}" verify)
-say "verify ${B[0]} after down/up: $r"
+verify_a_and_b " after down/up"
 
 # ---- 6. scale out to five nodes ----------------------------------------------------
 say "scaling out: deploy/compose.scale5.yaml adds node4 and node5 (--join)"

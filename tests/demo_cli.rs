@@ -4,16 +4,11 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{cmd, require_tool, run, run_capture, wait_until};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
+use common::{cmd, free_port, require_tool, run, run_capture, wait_until};
 
 fn start_demo(data: &Path, port: u16) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_ballast"))

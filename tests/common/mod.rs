@@ -168,6 +168,11 @@ fn init_logging() {
 /// The Debian interpreter that has `python3-libnbd` (not a pyenv shim).
 pub const PYTHON: &str = "/usr/bin/python3";
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (bind, note, release).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
 /// Panic (never skip) when `tool` is not installed, naming the Debian package.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     let found = if tool.contains('/') {
