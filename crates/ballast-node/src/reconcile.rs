@@ -8,9 +8,6 @@
 //! - forms each new shard's group on its first voter: only a replica that
 //!   was never initialized (no vote, no log) initializes, so a restart or a
 //!   second pass never forms a group twice;
-//! - hands each shard's leadership it holds to the shard's intended leader
-//!   (its first voter, spread evenly by placement) once that replica has
-//!   caught up, so leaders rebalance after a failover;
 //! - on the meta leader only, frees deleted volumes: every shard of the
 //!   volume's pool drops its blocks through its own log (`Data.Purge` to the
 //!   shard's leader), then the volume's tombstone is removed from the map.
@@ -34,10 +31,6 @@ use ballast_types::{
 
 use crate::identity::Identity;
 use crate::node::NodeInner;
-
-/// A leader hands its shard to the intended leader only when that replica
-/// lacks at most this many entries, so the handover costs no catch-up.
-const LEADER_HANDBACK_MAX_LAG: u64 = 64;
 
 /// The reconciler of a member node; runs until the node stops.
 pub(crate) async fn run(inner: Arc<NodeInner>) {
@@ -96,19 +89,7 @@ async fn tick(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
                 continue;
             }
         }
-        if info.voters[0] != me {
-            // Leaders drift back to the intended one (the map's first voter)
-            // once it has caught up, so leaderships stay spread after a failover.
-            if let Some(replica) = inner.groups.get(group) {
-                match replica.group.hand_leadership_to(info.voters[0].0, LEADER_HANDBACK_MAX_LAG).await {
-                    Ok(true) => tracing::info!(node = me.0, %shard, to = info.voters[0].0, "handing leadership back"),
-                    Ok(false) => {}
-                    Err(e) => problems.push(format!("{shard}: {e}")),
-                }
-            }
-            continue;
-        }
-        if state.formed.contains(shard) {
+        if info.voters[0] != me || state.formed.contains(shard) {
             continue;
         }
         let Some(replica) = inner.groups.get(group) else { continue };

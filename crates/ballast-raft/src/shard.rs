@@ -150,41 +150,6 @@ impl<S: BlockStore> ShardGroup<S> {
         Some((id, node))
     }
 
-    /// If this replica leads the group but `preferred` should, and
-    /// `preferred` has every entry but at most `max_lag`, ask openraft to hand
-    /// leadership over. Returns whether a transfer was requested.
-    ///
-    /// Leaders follow placement this way: the meta leader spreads each
-    /// shard's first voter evenly, so after a failover moved leaderships onto
-    /// the survivors they drift back once the preferred node has caught up.
-    /// A node that is down or behind is never handed leadership.
-    pub async fn hand_leadership_to(&self, preferred: NodeId, max_lag: u64) -> Result<bool, ShardError> {
-        let group = self.spec.group;
-        if preferred == self.spec.node {
-            return Ok(false);
-        }
-        let caught_up = {
-            let m = self.raft.metrics().borrow_watched().clone();
-            if m.current_leader != Some(self.spec.node)
-                || !m.membership_config.membership().voter_ids().any(|v| v == preferred)
-            {
-                return Ok(false);
-            }
-            let last = m.last_log_index.unwrap_or(0);
-            let matched = m.replication.as_ref().and_then(|r| r.get(&preferred).cloned().flatten());
-            matched.is_some_and(|id| id.index.saturating_add(max_lag) >= last)
-        };
-        if !caught_up {
-            return Ok(false);
-        }
-        self.raft
-            .trigger()
-            .transfer_leader(preferred)
-            .await
-            .map_err(|e| ShardError::Unavailable { group, reason: e.to_string() })?;
-        Ok(true)
-    }
-
     /// Replicate and apply `req`; answers once a majority has it durable and
     /// this leader has applied it.
     pub async fn write(&self, req: ShardRequest) -> Result<ShardResponse, ShardError> {
