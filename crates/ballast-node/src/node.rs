@@ -553,7 +553,7 @@ impl NodeHandle {
 
     /// The node's state in the Prometheus text format.
     pub fn metrics_text(&self) -> String {
-        crate::reconcile::metrics_text(&self.inner)
+        crate::metrics::render(&self.inner)
     }
 
     /// Stop serving, stop every replica, and release the data dirs.
