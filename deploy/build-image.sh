@@ -7,8 +7,10 @@
 #   deploy/build-image.sh --prebuilt   `cargo build --bins` here, then that binary on
 #                                      debian:bookworm-slim (or --base IMAGE)
 #   deploy/build-image.sh --offline    `cargo build --bins` here, then that binary on a base made
-#                                      here from its shared libraries, the dynamic loader, /bin/sh
-#                                      and sleep (tagged ballast-base:offline): pulls nothing
+#                                      here from its shared libraries, the dynamic loader, /bin/sh,
+#                                      sleep and the docker-plugin's tools (nbdfuse, losetup,
+#                                      mkfs.ext4, blkid, mount, umount, fusermount3; nbd-client if
+#                                      installed) (tagged ballast-base:offline): pulls nothing
 #
 # Options: --tag TAG; --binary PATH uses that binary instead of building one;
 # --base IMAGE the image to run on (default debian:bookworm-slim).
@@ -53,17 +55,40 @@ libs_of() {
   ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
 }
 
+# The tools `ballast docker-plugin` runs to attach and mount a volume.
+plugin_tools=(nbdfuse losetup mkfs.ext4 blkid mount umount fusermount3)
+optional_tools=(nbd-client)
+
 # A root file system with just what the binary (and the compose init
-# service's shell loop) needs: its shared libraries, the loader, /bin/sh, sleep.
+# service's shell loop) needs: its shared libraries, the loader, /bin/sh,
+# sleep; and the docker-plugin's tools with theirs, at their paths here.
 make_rootfs() {
-  local root=$1 sh sleep f
+  local root=$1 sh sleep f t tools=()
   sh=$(readlink -f /bin/sh) sleep=$(command -v sleep)
   mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/usr/local/bin"
   chmod 1777 "$root/tmp"
   cp "$sh" "$root/bin/sh"
   cp "$sleep" "$root/bin/sleep"
+  for t in "${plugin_tools[@]}"; do
+    f=$(PATH="$PATH:/usr/sbin:/sbin" command -v "$t") || { echo "build-image: $t not found (scripts/setup.sh test installs it)" >&2; exit 1; }
+    tools+=("$f")
+  done
+  for t in "${optional_tools[@]}"; do
+    if f=$(PATH="$PATH:/usr/sbin:/sbin" command -v "$t"); then tools+=("$f"); fi
+  done
+  for f in "${tools[@]}"; do
+    # A link (mkfs.ext4 -> mke2fs) becomes a file of the link's name: mke2fs
+    # picks ext4 from the name it is called by.
+    mkdir -p "$root$(dirname "$f")"
+    cp -L "$f" "$root$f"
+  done
+  for f in /etc/mke2fs.conf /etc/fuse.conf; do
+    if [ -e "$f" ]; then cp "$f" "$root$f"; fi
+  done
+  ln -s /proc/self/mounts "$root/etc/mtab"
   {
     libs_of "$binary"; libs_of "$sh"; libs_of "$sleep"
+    for f in "${tools[@]}"; do libs_of "$f"; done
     # Host lookups: glibc's NSS modules, where this glibc still ships them apart.
     for f in /lib/x86_64-linux-gnu/libnss_dns.so.2 /lib/x86_64-linux-gnu/libnss_files.so.2; do
       if [ -e "$f" ]; then echo "$f"; fi

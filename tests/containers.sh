@@ -2,7 +2,10 @@
 # Container tests: the image, the compose cluster (deploy/compose.yaml) and the
 # NBD gateway, driven with fio's nbd engine (4 KiB random writes, CRC32C
 # verification) through node loss, a network partition, a full `down`/`up`,
-# and scaling out to five nodes (deploy/compose.scale5.yaml).
+# and scaling out to five nodes (deploy/compose.scale5.yaml); then the Docker
+# volume plugin (deploy/compose.plugin.yaml): a volume created with
+# `docker volume create -d`, written by one container, read back by a second
+# one after a storage node was killed, removed.
 #
 #   bash tests/containers.sh
 #
@@ -14,6 +17,11 @@
 # Environment: BALLAST_CT_PORT (host port of the gateway; a free one by default),
 # BALLAST_CT_BINARY (put this binary in the image instead of `cargo build --bins`),
 # BALLAST_CT_KEEP=1 (leave the cluster running when a step fails, to look at it).
+# The plugin step needs root (it makes its mount directory a shared mount). It
+# registers the driver `ballast` (one name for every run: Docker remembers a
+# socket plugin it has used until the daemon restarts, and every `docker volume
+# ls` waits ~15 s for each remembered plugin that does not answer), so it
+# refuses to run while a ballast plugin socket exists already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,13 +59,43 @@ fio_pids=()
 
 dc() { "${compose[@]}" -p "$project" -f deploy/compose.yaml "$@"; }
 dc5() { "${compose[@]}" -p "$project" -f deploy/compose.yaml -f deploy/compose.scale5.yaml "$@"; }
+dcp() { dc5 -f deploy/compose.plugin.yaml "$@"; }
+
+plugin_name=ballast
+plugin_root=/var/lib/ballast/ct-$project
+plugin_sock=/run/docker/plugins/$plugin_name.sock
+client_image=ballast-ct-client:$$
+plugin_volume=ctpg
+plugin_started=""
+export BALLAST_PLUGIN_NAME=$plugin_name BALLAST_PLUGIN_ROOT=$plugin_root
+
+# Leave Docker as it was: no volume of the test driver, no plugin socket, no
+# mount or loop device under the plugin's root, no shared bind of it.
+plugin_cleanup() {
+  [ -n "$plugin_started" ] || return 0
+  docker ps -aq --filter "ancestor=$client_image" | xargs -r docker rm -f >/dev/null 2>&1 || true
+  docker volume rm -f "$plugin_volume" >/dev/null 2>&1 || true
+  dcp stop -t 60 docker-plugin >/dev/null 2>&1 || true
+  dcp rm -f docker-plugin >/dev/null 2>&1 || true
+  docker volume rm -f "$plugin_volume" >/dev/null 2>&1 || true
+  rm -f "$plugin_sock"
+  local m left
+  left=$(findmnt -R -n -o TARGET "$plugin_root" 2>/dev/null | tail -n +2 | sort -r || true)
+  for m in $left; do say "cleanup: unmounting what the plugin left: $m"; umount -l "$m" || true; done
+  for m in $(losetup -n -O NAME,BACK-FILE -l 2>/dev/null | awk -v r="$plugin_root/" 'index($2, r) == 1 { print $1 }'); do
+    say "cleanup: detaching loop device $m"; losetup -d "$m" || true
+  done
+  if findmnt -n "$plugin_root" >/dev/null 2>&1; then umount -l "$plugin_root" || true; fi
+  rm -rf "$plugin_root"
+  docker rmi "$client_image" >/dev/null 2>&1 || true
+}
 
 finish() {
   local rc=$?
   for p in "${fio_pids[@]}"; do kill "$p" 2>/dev/null || true; done
   if [ "$rc" != 0 ]; then
     say "FAILED (exit $rc); the gateway's and init's last log lines, and the nodes' last warnings:"
-    dc5 logs --no-color --tail=30 gateway init 2>&1 | cut -c1-400 || true
+    dcp logs --no-color --tail=30 gateway init docker-plugin 2>&1 | cut -c1-400 || true
     dc5 logs --no-color --tail=400 node1 node2 node3 node4 node5 2>&1 | grep -E 'WARN|ERROR' | tail -n 40 | cut -c1-400 || true
     if [ "${BALLAST_CT_KEEP:-}" = 1 ]; then
       say "BALLAST_CT_KEEP=1: left running as compose project $project (work dir $work)"
@@ -65,8 +103,9 @@ finish() {
       exit "$rc"
     fi
   fi
+  plugin_cleanup
   say "tearing down: down -v (project $project)"
-  dc5 down -v --remove-orphans >/dev/null 2>&1 || true
+  dcp down -v --remove-orphans >/dev/null 2>&1 || true
   rm -rf "$work"
   if [ "$rc" = 0 ]; then result ok 1 0 0; else result FAILED 0 1 0; fi
   exit "$rc"
@@ -180,7 +219,7 @@ B=(partition 12 $((64 * MiB)) $((8 * MiB)))
 C=(scaled 13 0 $((8 * MiB)))
 
 # ---- 0. the deployment files parse -----------------------------------------------
-dc5 config -q
+dcp config -q
 if command -v kubectl >/dev/null 2>&1; then
   say "kubectl kustomize deploy/kubernetes: $(kubectl kustomize deploy/kubernetes | grep -c '^kind:') objects"
 else
@@ -270,5 +309,76 @@ r=$(fio_job "${C[@]}" write "nbd://127.0.0.1:$port/ctwide")
 say "fio ${C[0]} on volume ctwide (pool wide, five nodes): $r"
 r=$(fio_job "${A[@]}" verify)
 say "verify ${A[0]} on the five-node cluster: $r"
+
+# ---- 7. the Docker volume plugin: two containers in turn, a node killed between ----
+# The containers that use the volume run an image made here from this
+# machine's sh, dd, sha256sum and sync (nothing is pulled).
+make_client_image() {
+  local root=$work/client t f
+  mkdir -p "$root/bin" "$root/tmp" "$root/dev" "$root/proc" "$root/data"
+  for t in sh dd sha256sum sync; do
+    f=$(command -v "$t")
+    cp -L "$f" "$root/bin/$t"
+    ldd "$f" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | while read -r f; do
+      cp -L --parents "$f" "$root/"
+    done
+  done
+  tar -C "$root" --numeric-owner --owner=0 --group=0 -cf - . | docker import - "$client_image" >/dev/null
+}
+# The mounts under the plugin's root, on this host (what Docker sees).
+plugin_mounts() { findmnt -R -n -o TARGET "$plugin_root" | tail -n +2 | tr '\n' ' '; }
+
+if [ "$(id -u)" != 0 ]; then
+  say "SKIPPED: the docker-plugin step needs root (a shared mount for $plugin_root)"
+else
+  say "docker-plugin: driver $plugin_name, mounts under $plugin_root (bind-mounted rshared)"
+  [ ! -e "$plugin_sock" ] || fail "$plugin_sock exists: another ballast plugin runs here; stop it first"
+  mkdir -p "$plugin_root"
+  plugin_started=1
+  mount --bind "$plugin_root" "$plugin_root"
+  mount --make-shared "$plugin_root"
+  dcp up -d --no-deps docker-plugin
+  deadline=$((SECONDS + 60))
+  until [ -S "$plugin_sock" ]; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "the plugin did not create $plugin_sock in time"
+    sleep 1
+  done
+  make_client_image
+
+  docker volume create -d "$plugin_name" --opt size=1GiB --opt replicas=3 "$plugin_volume" >/dev/null
+  out=$(docker volume create -d "$plugin_name" --opt size=1GiB --opt colour=red ctbad 2>&1) &&
+    fail "a volume with an unknown option was created: $out"
+  case $out in *'unknown option "colour"'*) ;; *) fail "unknown option refused with: $out" ;; esac
+  info=$(docker volume inspect -f '{{.Driver}} {{.Scope}} {{printf "%.0f" .Status.size}} {{.Status.replicas}}' "$plugin_volume")
+  [ "$info" = "$plugin_name global $((1 << 30)) 3" ] || fail "docker volume inspect $plugin_volume: $info"
+  admin volume info "$plugin_volume" >/dev/null || fail "the cluster has no volume $plugin_volume"
+  say "docker volume create: $plugin_volume ($info), in the cluster too"
+
+  w=$(docker run --rm -v "$plugin_volume:/data" "$client_image" /bin/sh -c \
+    'dd if=/dev/urandom of=/data/blob bs=1M count=16 2>/dev/null && sync && sha256sum /data/blob') ||
+    fail "the first container could not write to the volume"
+  sum=${w%% *}
+  [ ${#sum} = 64 ] || fail "the first container printed $w"
+  left=$(plugin_mounts)
+  [ -z "$left" ] || fail "still mounted after the first container ended: $left"
+  say "first container wrote 16 MiB to /data/blob (sha256 ${sum:0:16}…); unmounted and detached after it"
+
+  node2=$(cid node2)
+  docker kill "$node2" >/dev/null
+  say "killed node2 ($(docker inspect -f '{{.State.Status}}' "$node2"))"
+  r=$(docker run --rm -v "$plugin_volume:/data" "$client_image" /bin/sh -c 'sha256sum /data/blob') ||
+    fail "the second container could not read the volume with node2 down"
+  [ "${r%% *}" = "$sum" ] || fail "the second container read sha256 ${r%% *}, the first wrote $sum"
+  say "second container, with node2 down, read the same 16 MiB back (sha256 matches)"
+  docker start "$node2" >/dev/null
+  wait_healthy 5
+
+  docker volume rm "$plugin_volume" >/dev/null
+  if docker volume ls -q | grep -qx "$plugin_volume"; then fail "docker still lists $plugin_volume"; fi
+  if admin volume info "$plugin_volume" >/dev/null 2>&1; then fail "the cluster still has $plugin_volume"; fi
+  dcp stop -t 60 docker-plugin >/dev/null 2>&1
+  [ ! -e "$plugin_sock" ] || fail "the stopped plugin left $plugin_sock"
+  say "docker volume rm: gone from Docker and the cluster; the stopped plugin removed its socket"
+fi
 
 say "PASSED in $((SECONDS - start)) s"

@@ -8,6 +8,7 @@
 //! - [`serve`]: `attach` and `gateway`, NBD in front of `ClusterExports`.
 //! - [`demo`]: three node processes, cluster init, one volume, `attach`.
 //! - [`bench`]: a fixed NBD benchmark suite against any export(s).
+//! - [`docker_plugin`]: the Docker volume plugin (mounts volumes for containers).
 //!
 //! Errors: a [`UsageError`] (bad flag value, environment or config file)
 //! exits with [`EXIT_USAGE`]; anything else, including a refusal from the
@@ -22,6 +23,7 @@ use clap::{Parser, Subcommand};
 pub mod admin;
 pub mod bench;
 pub mod demo;
+pub mod docker_plugin;
 pub mod metrics;
 pub mod node;
 pub mod node_config;
@@ -66,6 +68,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure any NBD export with a fixed suite (random/sequential I/O, QD1-32), or compare two.
     Bench(bench::BenchArgs),
+    /// Serve Docker's volume plugin protocol: `docker volume create -d ballast`, `docker run -v`.
+    DockerPlugin(docker_plugin::DockerPluginArgs),
 }
 
 pub async fn run(command: Command) -> Result<()> {
@@ -78,6 +82,7 @@ pub async fn run(command: Command) -> Result<()> {
         Command::Gateway(args) => serve::gateway(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::DockerPlugin(args) => docker_plugin::run(args).await,
     }
 }
 

@@ -130,34 +130,75 @@ pub async fn serve_nbd<P: ExportProvider>(
     let unix = nbd.socket.as_deref().map(bind_unix).transpose()?;
     announce(&Bound { tcp: listener.local_addr().unwrap_or(nbd.listen), socket: nbd.socket.clone() });
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let tcp = tokio::spawn({
-        let server = server.clone();
-        let stop = stopped(stop_rx.clone());
-        async move { server.serve_tcp(listener, stop).await }
-    });
-    let unix_task = unix.map(|l| {
-        let server = server.clone();
-        let stop = stopped(stop_rx.clone());
-        tokio::spawn(async move { server.serve_unix(l, stop).await })
-    });
+    let mut listeners = Listeners::new(server);
+    listeners.tcp(listener);
+    if let (Some(l), Some(path)) = (unix, &nbd.socket) {
+        listeners.unix(l, path.clone());
+    }
     stop.await;
     tracing::info!("stopping: no new NBD connections");
-    let _ = stop_tx.send(true);
-    let tcp_result = tcp.await.context("NBD listener task")?.context("NBD listener failed");
-    if let Some(t) = unix_task {
-        t.await.context("NBD unix listener task")?.context("NBD unix listener failed")?;
-    }
-    if let Some(path) = &nbd.socket {
-        let _ = std::fs::remove_file(path);
-    }
-    tcp_result
+    listeners.stop().await
 }
 
-fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+/// NBD listeners of one server, each accepting on its own task until
+/// [`Listeners::stop`]. Connections already open are not closed by it: they
+/// end when their client leaves.
+pub struct Listeners<P: ExportProvider> {
+    server: NbdServer<P>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    sockets: Vec<PathBuf>,
+}
+
+impl<P: ExportProvider> Listeners<P> {
+    pub fn new(server: NbdServer<P>) -> Self {
+        Self { server, stop: tokio::sync::watch::channel(false).0, tasks: Vec::new(), sockets: Vec::new() }
+    }
+
+    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    pub fn tcp(&mut self, listener: tokio::net::TcpListener) {
+        let (server, stop) = (self.server.clone(), self.stopped());
+        self.tasks.push(("NBD listener", tokio::spawn(async move { server.serve_tcp(listener, stop).await })));
+    }
+
+    /// Accept on `listener`, bound at `path` (see [`bind_unix`]); the socket
+    /// file is removed at [`Listeners::stop`].
+    pub fn unix(&mut self, listener: tokio::net::UnixListener, path: PathBuf) {
+        let (server, stop) = (self.server.clone(), self.stopped());
+        self.tasks.push(("NBD unix listener", tokio::spawn(async move { server.serve_unix(listener, stop).await })));
+        self.sockets.push(path);
+    }
+
+    /// Stop accepting, wait for every listener task, remove the socket files;
+    /// reports the first listener's failure.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let mut first: Option<anyhow::Error> = None;
+        for (what, task) in self.tasks {
+            let r = match task.await {
+                Ok(r) => r.with_context(|| format!("{what} failed")),
+                Err(e) => Err(anyhow::Error::new(e).context(format!("{what} task"))),
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        for path in &self.sockets {
+            let _ = std::fs::remove_file(path);
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Listen on the unix socket `path`, replacing a stale socket file left by
+/// an earlier run (anything else at `path` is refused).
+pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
     if path.exists() {
         // A stale socket from an earlier run; refuse anything else.
         let meta = std::fs::symlink_metadata(path)?;
