@@ -1,6 +1,8 @@
 //! `GET /metrics` in the Prometheus text format, over a minimal HTTP/1.1
 //! responder: one request per connection, `Connection: close`. Scrapes are
-//! rare and small, so a web framework would be all cost.
+//! rare and small, so a web framework would be all cost. `ballast node`
+//! renders its node's state and the process registry; `attach` and
+//! `gateway` render the process registry ([`ProcessMetrics`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,6 +14,39 @@ use tokio::task::JoinSet;
 
 /// Produces the metrics text at each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// `/metrics` of an `attach` or `gateway` process: the NBD server's and the
+/// thin client's series. Dropping it stops the responder.
+pub struct ProcessMetrics {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ProcessMetrics {
+    /// Bind `addr` (so a taken port fails before anything else starts) and
+    /// answer scrapes on it; `None` serves nothing.
+    pub async fn start(addr: Option<std::net::SocketAddr>) -> anyhow::Result<Option<Self>> {
+        use anyhow::Context as _;
+        let Some(addr) = addr else { return Ok(None) };
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
+        ballast_nbd::metrics::register();
+        ballast_client::metrics::register();
+        tracing::info!(%addr, "serving /metrics");
+        let render: Render = Arc::new(|| ballast_metrics::global().render());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, render, async move {
+            let _ = rx.await;
+        }));
+        Ok(Some(Self { stop: Some(tx) }))
+    }
+}
+
+impl Drop for ProcessMetrics {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
 
 /// Longest request head read; anything longer is refused.
 const MAX_HEAD: usize = 8 << 10;

@@ -12,6 +12,7 @@ use ballast_nbd::{ExportProvider, NbdServer, ServerConfig};
 use ballast_types::format_size;
 
 use super::admin::ConnArgs;
+use super::metrics::ProcessMetrics;
 use super::signals::Signals;
 use super::{parse_name, parse_socket_addr};
 
@@ -39,6 +40,9 @@ pub struct AttachArgs {
     /// Take the volume over from a live writer, which gets fenced.
     #[arg(long, conflicts_with = "read_only")]
     pub force: bool,
+    /// Serve Prometheus metrics (NBD and client) at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -47,12 +51,16 @@ pub struct AttachArgs {
 pub struct GatewayArgs {
     #[command(flatten)]
     pub nbd: NbdListen,
+    /// Serve Prometheus metrics (NBD and client) at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
 
 pub async fn attach(args: AttachArgs) -> Result<()> {
     let mut signals = Signals::install()?;
+    let _metrics = ProcessMetrics::start(args.metrics).await?;
     let config = ClientConfig::default();
     let admin = args.conn.admin(config)?;
     let info = admin.volume(&args.volume).await?;
@@ -68,6 +76,7 @@ pub async fn attach(args: AttachArgs) -> Result<()> {
 
 pub async fn gateway(args: GatewayArgs) -> Result<()> {
     let mut signals = Signals::install()?;
+    let _metrics = ProcessMetrics::start(args.metrics).await?;
     let config = ClientConfig::default();
     let admin = args.conn.admin(config)?;
     let exports = ClusterExports::gateway(admin, config).await?;

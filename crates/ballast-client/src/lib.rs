@@ -38,6 +38,7 @@ mod admin;
 mod error;
 mod exports;
 mod map;
+pub mod metrics;
 mod volume;
 
 pub use admin::AdminClient;

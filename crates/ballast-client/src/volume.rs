@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::metrics::Retry;
 use crate::{Backoff, ClientConfig, Placement};
 
 /// One lazily connected tonic channel per node address and the last known
@@ -146,7 +147,11 @@ impl RemoteVolume {
         F: Fn(DataClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, ProtoError>>,
     {
-        let shard = self.placement.shard_of(self.spec.id, chunk).map_err(|e| device_error(&e))?;
+        let m = crate::metrics::metrics();
+        let shard = self.placement.shard_of(self.spec.id, chunk).map_err(|e| {
+            m.failures.inc();
+            device_error(&e)
+        })?;
         let cfg = *self.pool.config();
         let mut backoff = Backoff::new(&cfg);
         let mut hops = 0u32;
@@ -159,6 +164,7 @@ impl RemoteVolume {
                     let nodes = self.placement.nodes(shard);
                     if nodes.is_empty() {
                         self.placement.stale(shard);
+                        m.failures.inc();
                         return Err(DeviceError::new(DeviceErrorKind::Io, format!("no node known for {shard}")));
                     }
                     // The placement lists the likely leader first: try it
@@ -171,13 +177,15 @@ impl RemoteVolume {
             let now = Instant::now();
             if now >= deadline {
                 tracing::warn!(%shard, "{what} gave up: {last}");
+                m.failures.inc();
                 return Err(DeviceError::new(
                     DeviceErrorKind::Io,
                     format!("{what} on {shard} did not succeed before its deadline: {last}"),
                 ));
             }
-            let client = self.pool.client(&addr)?;
+            let client = self.pool.client(&addr).inspect_err(|_| m.failures.inc())?;
             let timeout = cfg.rpc_timeout.min(deadline - now);
+            m.attempts.inc();
             let err = match tokio::time::timeout(timeout, f(client)).await {
                 Ok(Ok(v)) => {
                     self.pool.set_leader(shard, &addr);
@@ -186,6 +194,7 @@ impl RemoteVolume {
                 Ok(Err(e)) => e,
                 Err(_) => {
                     last = format!("{addr} did not answer in {timeout:?}");
+                    m.retry(Retry::Timeout);
                     self.pool.forget_leader(shard, &addr);
                     self.placement.stale(shard);
                     backoff.wait().await;
@@ -199,6 +208,7 @@ impl RemoteVolume {
                         Some(h) => {
                             tracing::debug!(%shard, from = %addr, to = %h.addr, "following leader hint");
                             self.pool.set_leader(shard, &h.addr);
+                            m.redirects.inc();
                             hops += 1;
                             // Hints may chase each other during an election: pace them.
                             if hops <= 3 {
@@ -206,6 +216,7 @@ impl RemoteVolume {
                             }
                         }
                         None => {
+                            m.retry(Retry::NotLeader);
                             self.pool.forget_leader(shard, &addr);
                             self.placement.stale(shard);
                         }
@@ -215,23 +226,33 @@ impl RemoteVolume {
                     // The node does not know the volume: our map or its may
                     // lag. Not retryable, but worth a fresh map.
                     self.placement.stale(shard);
+                    m.failures.inc();
                     return Err(device_error(e));
                 }
-                ProtoError::Api(e) if !e.is_retryable() => return Err(device_error(e)),
+                ProtoError::Api(e) if !e.is_retryable() => {
+                    m.failures.inc();
+                    return Err(device_error(e));
+                }
                 ProtoError::Convert(e) if !e.is_retryable() => {
-                    return Err(DeviceError::new(DeviceErrorKind::Io, format!("malformed reply from {addr}: {e}")))
+                    m.failures.inc();
+                    return Err(DeviceError::new(DeviceErrorKind::Io, format!("malformed reply from {addr}: {e}")));
                 }
                 ProtoError::Api(e) if e.code == ErrorCode::StaleMap => {
+                    m.retry(Retry::StaleMap);
                     self.pool.forget_leader(shard, &addr);
                     self.placement.stale(shard);
                 }
                 // Below gRPC: the node may be gone, and the shard with it.
                 ProtoError::Transport(_) => {
+                    m.retry(Retry::Unreachable);
                     self.pool.forget_leader(shard, &addr);
                     self.placement.stale(shard);
                 }
                 // Other retryable typed errors: try elsewhere.
-                _ => self.pool.forget_leader(shard, &addr),
+                _ => {
+                    m.retry(Retry::Other);
+                    self.pool.forget_leader(shard, &addr);
+                }
             }
             tracing::debug!(%shard, "{what} retrying: {last}");
             backoff.wait().await;

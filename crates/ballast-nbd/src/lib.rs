@@ -14,12 +14,15 @@
 //! - [`proto`]: wire constants and pure encoders/decoders (public so the
 //!   codec benchmarks and other NBD tools reuse them).
 //! - `handshake`: option haggling up to the chosen export.
+//! - [`metrics`]: requests, bytes, errors and latency per command, in the
+//!   process-wide `ballast-metrics` registry.
 //! - `transmission`: the request/reply loop with many requests in flight.
 //! - `server`: [`NbdServer`], accept loops and per-connection plumbing.
 
 pub mod client;
 pub mod device;
 mod handshake;
+pub mod metrics;
 pub mod proto;
 mod server;
 mod transmission;

@@ -130,6 +130,7 @@ impl<P: ExportProvider> NbdServer<P> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let _open = crate::metrics::ConnectionGuard::open();
         let res = self.run(stream).await;
         match &res {
             Ok(()) => debug!("NBD connection closed"),

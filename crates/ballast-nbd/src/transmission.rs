@@ -12,6 +12,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
@@ -315,8 +316,10 @@ where
             Incoming::Job { cookie, job, bytes } => {
                 let ctx = ctx.clone();
                 let tx = tx.clone();
+                let start = Instant::now();
                 tokio::spawn(async move {
                     let typ = job_type(&job);
+                    let covered = job_bytes(&job);
                     let parts = match AssertUnwindSafe(execute(&ctx, cookie, job)).catch_unwind().await {
                         Ok(parts) => parts,
                         Err(_) => {
@@ -324,6 +327,7 @@ where
                             error_parts(&ctx, cookie, typ, EIO, "internal error")
                         }
                     };
+                    crate::metrics::finished(typ, covered, start);
                     // The writer is gone only if the connection is closing.
                     let _ = tx.send(Outgoing { parts, _permit: permit, _bytes: bytes });
                 });
@@ -362,9 +366,24 @@ fn job_type(job: &Job) -> u16 {
     }
 }
 
+/// Bytes a job covers, for the byte counters.
+fn job_bytes(job: &Job) -> u64 {
+    match job {
+        Job::Read { len, .. }
+        | Job::Trim { len, .. }
+        | Job::Cache { len, .. }
+        | Job::WriteZeroes { len, .. }
+        | Job::BlockStatus { len, .. } => u64::from(*len),
+        Job::Write { data, .. } => data.len() as u64,
+        Job::Flush => 0,
+    }
+}
+
 /// The reply for a failed request: a structured `ERROR` chunk for reads and
-/// block status when structured replies are on, else a simple reply.
+/// block status when structured replies are on, else a simple reply. Every
+/// error reply passes here, so it is where errors are counted.
 fn error_parts<D>(ctx: &Ctx<D>, cookie: u64, typ: u16, errno: u32, message: &str) -> Vec<Bytes> {
+    crate::metrics::failed(typ);
     if ctx.structured && wants_structured(typ) {
         vec![error_chunk(cookie, errno, message)]
     } else {

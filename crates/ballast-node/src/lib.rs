@@ -23,7 +23,7 @@ pub mod data_service;
 mod error;
 pub mod identity;
 pub mod manifest;
-mod metrics;
+pub mod metrics;
 pub mod node;
 pub mod raft_service;
 mod reconcile;

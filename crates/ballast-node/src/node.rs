@@ -210,7 +210,7 @@ impl Node {
         let raft = RaftServer::new(RaftService::new(who, groups.clone()))
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let data = DataServer::new(DataService::new(groups, locator))
+        let data = DataServer::new(crate::metrics::MeteredData(DataService::new(groups, locator)))
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let admin = AdminServer::new(AdminService::new(inner.clone()))

@@ -25,6 +25,7 @@ mod error;
 pub mod log_store;
 pub mod log_writer;
 pub mod meta;
+pub mod metrics;
 pub mod network;
 pub mod shard;
 pub mod snapshot;

@@ -15,6 +15,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use ballast_storage::{LogBatch, LogStore, StorageError};
 
@@ -36,6 +37,7 @@ struct Op {
     batch: LogBatch,
     sync: bool,
     done: Completion,
+    submitted: Instant,
 }
 
 /// Counters of one writer, for tests and metrics.
@@ -121,7 +123,7 @@ impl<L: LogStore> LogWriter<L> {
     pub fn submit(&self, batch: LogBatch, sync: bool, done: Completion) {
         self.shared.stats.submitted.fetch_add(1, Ordering::Relaxed);
         let tx = self.shared.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let op = Op { batch, sync, done };
+        let op = Op { batch, sync, done, submitted: Instant::now() };
         let undelivered = match tx {
             Some(tx) => tx.send(op).err().map(|e| e.0),
             None => Some(op),
@@ -159,12 +161,16 @@ fn run<L: LogStore>(store: &L, rx: mpsc::Receiver<Op>, stats: &WriterStats) {
             }
         }
         let sync = ops.iter().any(|o| o.sync);
+        let m = crate::metrics::metrics();
+        m.batch_appends.observe(ops.len() as u64);
+        m.log_bytes.add(bytes as u64);
         let mut batch = LogBatch::new();
         let mut dones = Vec::with_capacity(ops.len());
         for op in ops {
             batch.extend(op.batch);
-            dones.push(op.done);
+            dones.push((op.done, op.submitted));
         }
+        let started = Instant::now();
         let result = store.write(batch, sync).map_err(|e| {
             tracing::error!(error = %e, "raft log batch failed");
             WriteFailed(Arc::new(e))
@@ -172,8 +178,10 @@ fn run<L: LogStore>(store: &L, rx: mpsc::Receiver<Op>, stats: &WriterStats) {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         if sync {
             stats.syncs.fetch_add(1, Ordering::Relaxed);
+            m.fsync_seconds.observe_since(started);
         }
-        for done in dones {
+        for (done, submitted) in dones {
+            m.append_seconds.observe_since(submitted);
             done(result.clone());
         }
     }

@@ -159,8 +159,12 @@ impl<S: BlockStore> ShardGroup<S> {
     /// [`Self::write`], also returning the log index the request was applied at.
     pub(crate) async fn write_at(&self, req: ShardRequest) -> Result<(u64, ShardResponse), ShardError> {
         let group = self.spec.group;
+        let start = std::time::Instant::now();
         match self.raft.client_write(req).await {
-            Ok(resp) => Ok((resp.log_id.index, resp.data)),
+            Ok(resp) => {
+                crate::metrics::metrics().commit_seconds.observe_since(start);
+                Ok((resp.log_id.index, resp.data))
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 let (group, leader, addr) = leader_of(group, &f);
                 Err(ShardError::NotLeader { group, leader, addr })

@@ -341,6 +341,7 @@ impl SnapshotReceiver {
             Some(h) => {
                 let page: SnapshotPage = codec::decode(frame)?;
                 page.decoded(h.shard())?;
+                crate::metrics::metrics().rebuild_bytes.add(frame.len() as u64);
             }
         }
         self.write_frame(frame)

@@ -267,7 +267,11 @@ impl<S: BlockStore> RaftStateMachine<TypeConfig> for ShardStateMachine<S> {
             return Ok(());
         }
         let (store, shard, state) = (self.store.clone(), self.shard, self.state.clone());
+        let (start, entries) = (std::time::Instant::now(), batch.len() as u64);
         let answers = blocking(move || apply_entries(&*store, shard, &state, batch)).await?;
+        let m = crate::metrics::metrics();
+        m.apply_seconds.observe_since(start);
+        m.applied_entries.add(entries);
         for (responder, answer) in responders.into_iter().zip(answers) {
             if let Some(r) = responder {
                 r.send(answer.unwrap_or(ShardResponse::Done));
