@@ -4,9 +4,12 @@
 //!
 //! The suite is bench-nbd.sh's (fio's nbd engine) plus a 70/30 mix, under the
 //! same test names and columns, so the two tools' results compare directly;
-//! each result also records the fio command line of the same test.
+//! each result also records the fio command line of the same test, and
+//! `--engine fio` runs exactly those command lines instead of the built-in
+//! generator.
 //!
 //! - [`workload`]: the tests and the load generator.
+//! - [`fio`]: the fio command of each test, running it, reading its JSON.
 //! - [`histogram`]: per-worker latency histograms.
 //! - [`report`]: the JSON document and the table.
 //! - [`plot`]: the SVG.
@@ -17,11 +20,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use ballast_nbd::client::{ConnectOptions, NbdClient, NbdUri};
+use ballast_nbd::client::{ConnectOptions, ExportInfo, NbdClient, NbdUri};
 use ballast_types::{format_size, parse_size};
 
 use super::UsageError;
 
+mod fio;
 mod histogram;
 mod plot;
 mod report;
@@ -71,6 +75,23 @@ impl Suite {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// The built-in asynchronous NBD load generator.
+    Builtin,
+    /// fio with its nbd engine (libnbd), one fio run per test.
+    Fio,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Builtin => "builtin",
+            Engine::Fio => "fio",
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// The export to measure: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
@@ -93,6 +114,9 @@ pub struct BenchArgs {
     /// if an export is smaller).
     #[arg(long, value_parser = parse_region, value_name = "SIZE")]
     pub size: Option<u64>,
+    /// The load generator: builtin, or fio (the same tests through `fio --ioengine=nbd`; fio must be installed).
+    #[arg(long, value_enum, default_value = "builtin")]
+    pub engine: Engine,
     /// TCP connections per target; the queue depth of each test is spread over them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64), value_name = "N")]
     pub connections: u16,
@@ -159,11 +183,25 @@ fn check_output(path: &Path, what: &str) -> Result<(), UsageError> {
     Ok(())
 }
 
-/// One target: its connections and what it reported at the handshake.
+/// One target: what it reported at the handshake, and its connections
+/// (none with `--engine fio`, which makes its own).
 struct Target {
     label: &'static str,
     uri: NbdUri,
+    info: ExportInfo,
     clients: Vec<NbdClient>,
+}
+
+impl Target {
+    async fn disconnect(&mut self) {
+        for c in self.clients.drain(..) {
+            // The results are in (or fio is about to connect); a server that
+            // closes untidily does not spoil them.
+            if let Err(e) = c.disconnect().await {
+                eprintln!("ballast bench: note: disconnecting from {}: {e}", self.uri);
+            }
+        }
+    }
 }
 
 async fn connect(label: &'static str, uri: &NbdUri, connections: u16) -> Result<Target> {
@@ -187,7 +225,8 @@ async fn connect(label: &'static str, uri: &NbdUri, connections: u16) -> Result<
     if connections > 1 && !clients[0].info().can_multi_conn() {
         eprintln!("ballast bench: note: {uri} does not advertise multi-conn; measuring several connections anyway");
     }
-    Ok(Target { label, uri: uri.clone(), clients })
+    let info = clients[0].info().clone();
+    Ok(Target { label, uri: uri.clone(), info, clients })
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
@@ -204,12 +243,23 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let ramp = args.ramp.unwrap_or(args.suite.ramp());
     let tests: Vec<&TestSpec> = if args.tests.is_empty() { SUITE.iter().collect() } else { args.tests.clone() };
 
-    let mut targets = vec![connect("A", &args.target, args.connections).await?];
+    let fio = match args.engine {
+        Engine::Fio => Some(fio::Fio::find().await?),
+        Engine::Builtin => None,
+    };
+    // fio makes its own connections: one here checks the export, then closes.
+    let connections = if fio.is_some() { 1 } else { args.connections };
+    let mut targets = vec![connect("A", &args.target, connections).await?];
     if let Some(uri) = &args.compare {
-        targets.push(connect("B", uri, args.connections).await?);
+        targets.push(connect("B", uri, connections).await?);
+    }
+    if fio.is_some() {
+        for t in &mut targets {
+            t.disconnect().await;
+        }
     }
     // The same region on both targets, or the comparison is not like for like.
-    let smallest = targets.iter().map(|t| t.clients[0].info().size).min().unwrap_or(0);
+    let smallest = targets.iter().map(|t| t.info.size).min().unwrap_or(0);
     let region = args.size.unwrap_or(args.suite.max_size()).min(smallest) / MIB * MIB;
     if region < MIN_REGION {
         bail!(
@@ -227,30 +277,41 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if !args.no_prefill {
         for t in &targets {
             eprintln!("prefill: writing {} of {} ...", format_size(region), t.uri);
-            workload::prefill(&t.clients, region, &payload).await.with_context(|| format!("prefilling {}", t.uri))?;
+            match &fio {
+                None => workload::prefill(&t.clients, region, &payload).await.map_err(anyhow::Error::from),
+                Some(f) => f.prefill(&t.uri.to_string(), region).await,
+            }
+            .with_context(|| format!("prefilling {}", t.uri))?;
         }
     }
 
     let mut reports: Vec<TargetReport> = targets
         .iter()
-        .map(|t| {
-            let info = t.clients[0].info();
-            TargetReport {
-                label: t.label,
-                uri: t.uri.to_string(),
-                export_size: info.size,
-                structured_replies: info.structured_replies,
-                results: Vec::new(),
-            }
+        .map(|t| TargetReport {
+            label: t.label,
+            uri: t.uri.to_string(),
+            export_size: t.info.size,
+            structured_replies: t.info.structured_replies,
+            results: Vec::new(),
         })
         .collect();
     // Alternate targets test by test, so drift on the machine hits both alike.
     for (i, spec) in tests.iter().enumerate() {
+        let test_seed = seed.wrapping_add(i as u64);
         for (t, rep) in targets.iter().zip(reports.iter_mut()) {
-            let m = workload::run_test(&t.clients, spec, region, window, &payload, seed.wrapping_add(i as u64))
-                .await
-                .with_context(|| format!("{} on {}", spec.name, t.uri))?;
-            let r = TestResult::new(spec, &m, spec.fio_command(&rep.uri, region, runtime, ramp));
+            let job =
+                fio::Job { uri: &rep.uri, region, window, connections: usize::from(args.connections), seed: test_seed };
+            let r = match &fio {
+                None => {
+                    let m = workload::run_test(&t.clients, spec, region, window, &payload, test_seed)
+                        .await
+                        .with_context(|| format!("{} on {}", spec.name, t.uri))?;
+                    TestResult::new(spec, &m, fio::command_line(&job.args(spec)))
+                }
+                Some(f) => {
+                    f.run_test(spec, &job).await.with_context(|| format!("{} on {} with fio", spec.name, t.uri))?
+                }
+            };
             eprintln!(
                 "{:<15} {}  {:>9.0} IOPS  p50 {:>7.0} us  p99 {:>7.0} us",
                 spec.name, t.label, r.iops, r.p50_us, r.p99_us
@@ -258,13 +319,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             rep.results.push(r);
         }
     }
-    for t in targets {
-        for c in t.clients {
-            // The results are in; a server that closes untidily does not spoil them.
-            if let Err(e) = c.disconnect().await {
-                eprintln!("ballast bench: note: disconnecting from {}: {e}", t.uri);
-            }
-        }
+    for t in &mut targets {
+        t.disconnect().await;
     }
 
     let mut report = Report {
@@ -274,6 +330,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         host: std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
         nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         suite: args.suite.name(),
+        engine: args.engine.name(),
+        fio_version: fio.map(|f| f.version),
         runtime_s: runtime,
         ramp_s: ramp,
         size: region,

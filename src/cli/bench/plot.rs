@@ -51,8 +51,9 @@ pub fn draw(path: &Path, report: &Report) -> Result<()> {
     let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let title = format!(
-        "ballast bench — {} suite, {}s per test, {} MiB, {} connection(s)",
+        "ballast bench — {} suite, {} engine, {}s per test, {} MiB, {} connection(s)",
         report.suite,
+        report.engine,
         report.runtime_s,
         report.size >> 20,
         report.connections

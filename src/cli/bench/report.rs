@@ -21,6 +21,10 @@ pub struct Report {
     pub host: String,
     pub nproc: usize,
     pub suite: &'static str,
+    /// `builtin` or `fio`: which load generator measured.
+    pub engine: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fio_version: Option<String>,
     pub runtime_s: f64,
     pub ramp_s: f64,
     /// Bytes of each export used, from offset 0.
@@ -69,7 +73,8 @@ pub struct TestResult {
     pub flush_p50_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flush_p99_us: Option<f64>,
-    /// The fio command line that runs the same test.
+    /// The fio command line of the same test: the one `--engine fio` ran,
+    /// or would run.
     pub fio: String,
 }
 
@@ -146,8 +151,9 @@ impl Report {
     pub fn table(&self) -> String {
         let mut s = String::new();
         let how = format!(
-            "{} suite, {}s per test (ramp {}s), {} MiB, {} connection{}",
+            "{} suite, {} engine, {}s per test (ramp {}s), {} MiB, {} connection{}",
             self.suite,
+            self.engine,
             self.runtime_s,
             self.ramp_s,
             self.size >> 20,
@@ -256,6 +262,8 @@ mod tests {
             host: "h".into(),
             nproc: 2,
             suite: "quick",
+            engine: "builtin",
+            fio_version: None,
             runtime_s: 2.0,
             ramp_s: 0.0,
             size: 64 << 20,

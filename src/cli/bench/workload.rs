@@ -116,25 +116,6 @@ impl TestSpec {
         }
     }
 
-    /// The fio command line that runs the same test (as bench-nbd.sh would),
-    /// recorded with each result so a fio run can be matched to it.
-    pub fn fio_command(&self, uri: &str, size: u64, runtime: f64, ramp: f64) -> String {
-        let mut c = format!(
-            "fio --name={} --ioengine=nbd --uri={uri} --size={size} --rw={} --bs={} --iodepth={} --time_based \
-             --runtime={runtime} --ramp_time={ramp} --lat_percentiles=1 --norandommap --randrepeat=0",
-            self.name,
-            self.fio_rw(),
-            self.block_size,
-            self.queue_depth
-        );
-        match self.pattern {
-            Pattern::RandWriteFlush => c.push_str(" --fsync=1"),
-            Pattern::RandMix { read_percent } => c.push_str(&format!(" --rwmixread={read_percent}")),
-            _ => {}
-        }
-        c
-    }
-
     pub fn find(name: &str) -> Option<&'static TestSpec> {
         SUITE.iter().find(|t| t.name == name)
     }
@@ -391,9 +372,6 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
-        let mix = TestSpec::find("mix4k_qd32").unwrap();
-        assert!(mix.fio_command("nbd://h/e", 1 << 30, 15.0, 2.0).contains("--rw=randrw --bs=4096 --iodepth=32"));
-        assert!(mix.fio_command("nbd://h/e", 1 << 30, 15.0, 2.0).ends_with("--rwmixread=70"));
     }
 
     #[test]
