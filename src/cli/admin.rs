@@ -190,6 +190,12 @@ pub enum VolumeCmd {
         #[command(flatten)]
         out: OutArgs,
     },
+    /// Write a raw image (a file or `-` for stdin) into a volume, sparse:
+    /// all-zero 4 KiB blocks are not sent.
+    Import(super::transfer::ImportArgs),
+    /// Copy a volume out to a raw image (a file or `-` for stdout); holes
+    /// stay holes in a regular file.
+    Export(super::transfer::ExportArgs),
 }
 
 /// The `default` pool `cluster init` (and the demo) create.
@@ -290,5 +296,7 @@ pub async fn volume(cmd: VolumeCmd) -> Result<()> {
             conn.admin(ClientConfig::default())?.delete_volume(&name).await?;
             output::print(out.output, &Deleted { deleted: name }, |d| format!("deleted volume {}\n", d.deleted))
         }
+        VolumeCmd::Import(args) => super::transfer::import(args).await,
+        VolumeCmd::Export(args) => super::transfer::export(args).await,
     }
 }

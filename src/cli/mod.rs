@@ -4,7 +4,10 @@
 //!   variables and a TOML file by the pure [`node_config::merge`]; [`metrics`]
 //!   is its `/metrics` responder.
 //! - [`admin`]: `cluster`, `pool` and `volume`, thin calls of `AdminClient`
-//!   rendered by [`output`] as a table or JSON.
+//!   rendered by [`output`] as a table or JSON; [`transfer`] is `volume
+//!   import|export` (sparse raw images, a progress bar).
+//! - [`status`]: `ballast status`, the cluster's health on one screen, once
+//!   or redrawn (`--watch`), with per-volume IOPS from counter deltas.
 //! - [`serve`]: `attach` and `gateway`, NBD in front of `ClusterExports`.
 //! - [`demo`]: three node processes, cluster init, one volume, `attach`.
 //! - [`bench`]: a fixed NBD benchmark suite against any export(s).
@@ -30,6 +33,8 @@ pub mod node_config;
 pub mod output;
 pub mod serve;
 pub mod signals;
+pub mod status;
+pub mod transfer;
 
 /// Exit code of bad arguments or configuration (clap uses the same).
 pub const EXIT_USAGE: u8 = 2;
@@ -51,13 +56,15 @@ pub struct Cli {
 pub enum Command {
     /// Run a storage node (until SIGINT/SIGTERM).
     Node(node::NodeArgs),
+    /// Is the cluster healthy: nodes, disks, shards, per-volume IOPS (`--watch` redraws).
+    Status(status::StatusArgs),
     /// Initialise a cluster, or show its nodes, disks and shards.
     #[command(subcommand)]
     Cluster(admin::ClusterCmd),
     /// Create and list pools (replication factor, shards, failure domain).
     #[command(subcommand)]
     Pool(admin::PoolCmd),
-    /// Create, list, inspect, resize and delete volumes.
+    /// Create, list, inspect, resize and delete volumes; import and export raw images.
     #[command(subcommand)]
     Volume(admin::VolumeCmd),
     /// Serve one volume over NBD on this machine (one writer: takes the volume's epoch).
@@ -75,6 +82,7 @@ pub enum Command {
 pub async fn run(command: Command) -> Result<()> {
     match command {
         Command::Node(args) => node::run(args).await,
+        Command::Status(args) => status::run(args).await,
         Command::Cluster(cmd) => admin::cluster(cmd).await,
         Command::Pool(cmd) => admin::pool(cmd).await,
         Command::Volume(cmd) => admin::volume(cmd).await,

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use ballast_types::{
-    format_size, ClusterStatus, FailureDomain, InitClusterReply, PoolId, PoolInfo, ShardId, VolumeInfo,
+    format_size, ClusterStatus, FailureDomain, InitClusterReply, PoolId, PoolInfo, ShardId, ShardStatus, VolumeInfo,
 };
 use serde::Serialize;
 
@@ -71,6 +71,31 @@ pub struct ShardView {
     pub voters: Vec<u64>,
     pub leader: Option<u64>,
     pub under_replicated: bool,
+    /// `healthy`, `degraded` (fewer live replicas than asked for),
+    /// `rebuilding` (a replica is being copied: see `rebuilding`) or
+    /// `unavailable` (no majority of its voters is up: its I/O stalls).
+    pub state: &'static str,
+    pub rebuilding: Option<RebuildView>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy)]
+pub struct RebuildView {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// A shard's state as `ballast status` names it, worst first.
+pub fn shard_state(sh: &ShardStatus, up: impl Fn(u64) -> bool) -> &'static str {
+    let live = sh.shard.voters.iter().filter(|v| up(v.0)).count();
+    if live < sh.shard.voters.len() / 2 + 1 {
+        "unavailable"
+    } else if sh.rebuilding.is_some() {
+        "rebuilding"
+    } else if sh.under_replicated {
+        "degraded"
+    } else {
+        "healthy"
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -155,6 +180,7 @@ pub fn status_view(s: &ClusterStatus) -> StatusView {
         })
         .collect();
     nodes.sort_by_key(|n| n.id);
+    let up: BTreeMap<u64, bool> = s.nodes.iter().map(|n| (n.id.0, n.up)).collect();
     let mut shards: Vec<ShardView> = s
         .shards
         .iter()
@@ -164,6 +190,8 @@ pub fn status_view(s: &ClusterStatus) -> StatusView {
             voters: sh.shard.voters.iter().map(|v| v.0).collect(),
             leader: sh.shard.leader.map(|l| l.0),
             under_replicated: sh.under_replicated,
+            state: shard_state(sh, |n| up.get(&n).copied().unwrap_or(false)),
+            rebuilding: sh.rebuilding.map(|r| RebuildView { done_bytes: r.done_bytes, total_bytes: r.total_bytes }),
         })
         .collect();
     shards.sort_by_key(|s| s.id);
@@ -233,7 +261,7 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn node_name(id: u64) -> String {
+pub fn node_name(id: u64) -> String {
     format!("node-{id}")
 }
 
@@ -362,6 +390,7 @@ mod tests {
             },
             under_replicated: under,
         }
+            rebuilding: None,
     }
 
     fn status() -> ClusterStatus {
@@ -377,6 +406,7 @@ mod tests {
                 shard(2, &[1, 2], Some(1), true),
             ],
         }
+            volume_io: vec![],
     }
 
     #[test]
@@ -388,6 +418,10 @@ mod tests {
         assert_eq!(v.nodes[0].used, 1 << 30);
         assert_eq!(v.under_replicated, vec![2]);
         assert_eq!(v.shards.iter().map(|s| s.id).collect::<Vec<_>>(), vec![0, 1, 2]);
+        // Node 3 is down: shard 2 (voters 1, 2) keeps its majority but is
+        // short of replicas; the others have two of three voters up.
+        let states: Vec<&str> = v.shards.iter().map(|s| s.state).collect();
+        assert_eq!(states, ["healthy", "healthy", "degraded"]);
     }
 
     #[test]

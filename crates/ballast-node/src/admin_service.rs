@@ -32,8 +32,8 @@ use ballast_raft::{BallastNode, ClusterMap, MetaCommand, MetaGroup, MetaOutcome}
 use ballast_storage::RocksStore;
 use ballast_types::{
     ApiError, AttachVolume, ClusterId, ClusterStatus, CreateVolume, DetachVolume, ErrorCode, InitCluster,
-    InitClusterReply, JoinNode, JoinNodeReply, MapVersion, NodeAddr, NodeId, NodeInfo, PlacementReply, PoolInfo,
-    PoolSpec, ResizeVolume, ShardStatus, VolumeInfo, PROTOCOL_VERSION,
+    InitClusterReply, JoinNode, JoinNodeReply, MapVersion, NodeAddr, NodeId, NodeInfo, NodeStats, PlacementReply,
+    PoolInfo, PoolSpec, ResizeVolume, ShardStatus, VolumeId, VolumeInfo, VolumeIo, PROTOCOL_VERSION,
 };
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
@@ -343,16 +343,34 @@ impl AdminService {
         let cluster = ClusterId(map.cluster_id);
         let me = self.inner.id();
         let probes = map.nodes.values().map(|n| async move {
-            let up = n.id == me || self.probe(cluster, &n.addr).await;
-            (n.id, up)
+            if n.id == me {
+                return (n.id, (true, Some(self.local_stats())));
+            }
+            (n.id, tokio::join!(self.probe(cluster, &n.addr), self.remote_stats(cluster, &n.addr)))
         });
-        let up: BTreeMap<u64, bool> = futures::future::join_all(probes).await.into_iter().collect();
+        let answers: BTreeMap<u64, (bool, Option<NodeStats>)> =
+            futures::future::join_all(probes).await.into_iter().collect();
+        let up: BTreeMap<u64, bool> = answers.iter().map(|(id, (up, _))| (*id, *up)).collect();
+        let mut volume_io: BTreeMap<VolumeId, VolumeIo> =
+            map.volumes.keys().map(|v| (VolumeId(*v), VolumeIo::new(VolumeId(*v)))).collect();
+        for stats in answers.values().filter_map(|(_, s)| s.as_ref()) {
+            for io in &stats.volumes {
+                if let Some(sum) = volume_io.get_mut(&io.volume) {
+                    sum.add(io);
+                }
+            }
+        }
         let nodes: Vec<NodeInfo> = map
             .nodes
             .values()
             .map(|n| {
                 let mut info = n.info();
-                info.up = up.get(&n.id).copied().unwrap_or(false);
+                let (up, stats) = answers.get(&n.id).map_or((false, None), |(u, s)| (*u, s.as_ref()));
+                info.up = up;
+                // Disk use as the node sees it now; the map's figures are as of its join.
+                if let Some(s) = stats.filter(|s| !s.disks.is_empty()) {
+                    info.disks = s.disks.clone();
+                }
                 info
             })
             .collect();
@@ -362,10 +380,37 @@ impl AdminService {
             .map(|s| {
                 let replicas = map.pools.get(&s.pool).map_or(0, |p| p.spec.replicas as usize);
                 let live = s.voters.iter().filter(|v| up.get(v).copied().unwrap_or(false)).count();
-                ShardStatus { shard: s.info(), under_replicated: live < replicas.max(s.voters.len()) }
+                // `rebuilding` stays None until re-replication reports its progress here.
+                ShardStatus { shard: s.info(), under_replicated: live < replicas.max(s.voters.len()), rebuilding: None }
+            volume_io: volume_io.into_values().collect(),
             })
             .collect();
         Ok(ClusterStatus {
+    /// This node's live figures (`NodeStats`).
+    fn local_stats(&self) -> NodeStats {
+        NodeStats { node: NodeId(self.inner.id()), disks: self.inner.disk_infos(), volumes: self.inner.io.snapshot() }
+    }
+
+    /// The live figures of the node at `addr`, if it answers in time.
+    async fn remote_stats(&self, cluster: ClusterId, addr: &str) -> Option<NodeStats> {
+        let mut client = self.client(addr).ok()?;
+        let call = client.node_stats(pb::NodeStatsRequest { cluster_id: cluster.0 });
+        match tokio::time::timeout(PROBE_TIMEOUT, call).await {
+            Ok(Ok(r)) => match NodeStats::try_from(r.into_inner()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(%addr, "malformed node stats: {e}");
+                    None
+                }
+            },
+            Ok(Err(e)) => {
+                tracing::debug!(%addr, "node stats: {}", e.message());
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
             cluster,
             protocol_version: PROTOCOL_VERSION,
             map_version: MapVersion(map.version),
@@ -509,6 +554,19 @@ impl Admin for AdminService {
             Ok(pb::AttachVolumeReply::from(attachment))
         })
     }
+    /// Answered by this node itself: its own figures, never forwarded.
+    async fn node_stats(&self, request: Request<pb::NodeStatsRequest>) -> Result<Response<pb::NodeStatsReply>, Status> {
+        let asked = ClusterId(request.into_inner().cluster_id);
+        match self.inner.identity.get() {
+            None => Err(status_from_api_error(&unavailable("this node is not part of a cluster yet"))),
+            Some(id) if id.cluster != asked => Err(status_from_api_error(&ApiError::new(
+                ErrorCode::Conflict,
+                format!("this node belongs to {}, not {asked}", id.cluster),
+            ))),
+            Some(_) => Ok(Response::new(self.local_stats().into())),
+        }
+    }
+
 
     async fn detach_volume(&self, request: Request<pb::DetachVolumeRequest>) -> Result<Response<pb::Empty>, Status> {
         leader_call!(self, request, detach_volume, |meta, msg| async move {

@@ -208,11 +208,14 @@ impl Node {
         });
 
         let raft = RaftServer::new(RaftService::new(who, groups.clone()))
+            io: Arc::default(),
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let data = DataServer::new(crate::metrics::MeteredData(DataService::new(groups, locator)))
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let data = DataServer::new(crate::metrics::MeteredData(
+            DataService::new(groups, locator).observed(inner.io.clone(), inner.who.clone()),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let admin = AdminServer::new(AdminService::new(inner.clone()))
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -336,6 +339,8 @@ pub(crate) struct NodeInner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
+    /// Data requests served per volume (`NodeStats`, `ballast status`).
+    pub io: Arc<crate::data_service::VolumeIoCounters>,
 impl NodeInner {
     /// This node's id; 0 before it belongs to a cluster.
     pub fn id(&self) -> NodeId {

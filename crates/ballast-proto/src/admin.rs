@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use ballast_types::{
     validate_addr, validate_name, validate_volume_size, AttachVolume, Attachment, ClusterId, ClusterStatus,
     CreateVolume, DetachVolume, DiskInfo, Epoch, FailureDomain, InitCluster, InitClusterReply, JoinNode, JoinNodeReply,
-    MapVersion, NodeAddr, NodeId, NodeInfo, PlacementMap, PlacementReply, PoolId, PoolInfo, PoolSpec, ResizeVolume,
-    ShardId, ShardInfo, ShardStatus, ValidationError, VolumeId, VolumeInfo,
+    MapVersion, NodeAddr, NodeId, NodeInfo, NodeStats, PlacementMap, PlacementReply, PoolId, PoolInfo, PoolSpec,
+    RebuildProgress, ResizeVolume, ShardId, ShardInfo, ShardStatus, ValidationError, VolumeId, VolumeInfo, VolumeIo,
 };
 
 use crate::error::{nonzero, required, ConvertError, Field, Problem};
@@ -286,11 +286,73 @@ impl TryFrom<pb::ShardStatus> for ShardStatus {
             under_replicated: m.under_replicated,
         })
     }
+            rebuilding: m.rebuilding.map(RebuildProgress::try_from).transpose()?,
 }
 
 impl From<ShardStatus> for pb::ShardStatus {
     fn from(s: ShardStatus) -> Self {
-        pb::ShardStatus { shard: Some(s.shard.into()), under_replicated: s.under_replicated }
+        pb::ShardStatus {
+            shard: Some(s.shard.into()),
+            under_replicated: s.under_replicated,
+            rebuilding: s.rebuilding.map(pb::Rebuild::from),
+        }
+    }
+}
+
+impl TryFrom<pb::Rebuild> for RebuildProgress {
+    type Error = ConvertError;
+    fn try_from(m: pb::Rebuild) -> Result<Self, ConvertError> {
+        let r = RebuildProgress { done_bytes: m.done_bytes, total_bytes: m.total_bytes };
+        r.validate().field("Rebuild.done_bytes")?;
+        Ok(r)
+    }
+}
+
+impl From<RebuildProgress> for pb::Rebuild {
+    fn from(r: RebuildProgress) -> Self {
+        pb::Rebuild { done_bytes: r.done_bytes, total_bytes: r.total_bytes }
+    }
+}
+
+impl TryFrom<pb::VolumeIo> for VolumeIo {
+    type Error = ConvertError;
+    fn try_from(m: pb::VolumeIo) -> Result<Self, ConvertError> {
+        Ok(VolumeIo {
+            volume: VolumeId(nonzero(m.volume_id, "VolumeIo.volume_id")?),
+            reads: m.reads,
+            read_bytes: m.read_bytes,
+            writes: m.writes,
+            write_bytes: m.write_bytes,
+        })
+    }
+}
+
+impl From<VolumeIo> for pb::VolumeIo {
+    fn from(v: VolumeIo) -> Self {
+        pb::VolumeIo {
+            volume_id: v.volume.0,
+            reads: v.reads,
+            read_bytes: v.read_bytes,
+            writes: v.writes,
+            write_bytes: v.write_bytes,
+        }
+    }
+}
+
+impl TryFrom<pb::NodeStatsReply> for NodeStats {
+    type Error = ConvertError;
+    fn try_from(m: pb::NodeStatsReply) -> Result<Self, ConvertError> {
+        Ok(NodeStats {
+            node: NodeId(nonzero(m.node_id, "NodeStatsReply.node_id")?),
+            disks: list(m.disks)?,
+            volumes: list(m.volumes)?,
+        })
+    }
+}
+
+impl From<NodeStats> for pb::NodeStatsReply {
+    fn from(s: NodeStats) -> Self {
+        pb::NodeStatsReply { node_id: s.node.0, disks: to_pb(s.disks), volumes: to_pb(s.volumes) }
     }
 }
 
@@ -306,6 +368,7 @@ impl TryFrom<pb::ClusterStatusReply> for ClusterStatus {
             shards: list(m.shards)?,
         })
     }
+            volume_io: list(m.volume_io)?,
 }
 
 impl From<ClusterStatus> for pb::ClusterStatusReply {
@@ -319,6 +382,7 @@ impl From<ClusterStatus> for pb::ClusterStatusReply {
             shards: to_pb(s.shards),
         }
     }
+            volume_io: to_pb(s.volume_io),
 }
 
 // ----- volumes -----

@@ -15,8 +15,9 @@ use prost::Message;
 use ballast_proto::{pb, Reply};
 use ballast_types::{
     ClusterId, ClusterStatus, DiskInfo, Epoch, Extent, FailureDomain, GroupId, JoinNode, MapVersion, NodeHello, NodeId,
-    NodeInfo, PlacementMap, RaftEnvelope, RaftRequest, RangeRequest, ReadData, ReadSegment, SegmentBody, ShardInfo,
-    ShardStatus, SnapshotChunk, SnapshotStart, VolumeId, VolumeInfo, WriteRequest, ZeroRequest, PROTOCOL_VERSION,
+    NodeInfo, PlacementMap, RaftEnvelope, RaftRequest, RangeRequest, ReadData, ReadSegment, RebuildProgress,
+    SegmentBody, ShardInfo, ShardStatus, SnapshotChunk, SnapshotStart, VolumeId, VolumeInfo, VolumeIo, WriteRequest,
+    ZeroRequest, PROTOCOL_VERSION,
 };
 use common::{pool, roundtrip, wire};
 
@@ -183,8 +184,28 @@ fn random_values_round_trip() {
         let m = map(&mut r);
         roundtrip::<_, pb::PlacementMap>(m.clone());
         let nodes = (1..=r.range(0, 5)).map(|id| node(&mut r, id)).collect();
-        let shards =
-            m.shards.values().take(10).map(|s| ShardStatus { shard: s.clone(), under_replicated: r.coin() }).collect();
+        let shards = m
+            .shards
+            .values()
+            .take(10)
+            .map(|s| {
+                let total = r.range(0, 1 << 30);
+                let rebuilding =
+                    r.coin().then(|| RebuildProgress { done_bytes: r.range(0, total), total_bytes: total });
+                ShardStatus { shard: s.clone(), under_replicated: r.coin(), rebuilding }
+            })
+            .collect();
+        let volume_io = m
+            .volumes
+            .keys()
+            .map(|v| VolumeIo {
+                volume: *v,
+                reads: r.range(0, 1 << 40),
+                read_bytes: r.range(0, 1 << 50),
+                writes: r.range(0, 1 << 40),
+                write_bytes: r.range(0, 1 << 50),
+            })
+            .collect();
         let status = ClusterStatus {
             cluster: ClusterId(r.range(1, 99)),
             protocol_version: PROTOCOL_VERSION,
@@ -192,6 +213,7 @@ fn random_values_round_trip() {
             meta_leader: r.coin().then(|| NodeId(r.range(1, 9))),
             nodes,
             shards,
+            volume_io,
         };
         roundtrip::<_, pb::ClusterStatusReply>(status);
         let n = node(&mut r, 1);

@@ -9,9 +9,10 @@ use ballast_proto::{pb, status_from_api_error, ProtoError, Reply};
 use ballast_types::{
     ApiError, AttachVolume, Attachment, ClusterId, ClusterStatus, CreateVolume, DetachVolume, DiskInfo, Epoch,
     ErrorCode, Extent, FailureDomain, GroupId, InitCluster, InitClusterReply, JoinNode, JoinNodeReply, LeaderHint,
-    MapVersion, NodeAddr, NodeHello, NodeId, NodeInfo, PlacementReply, PoolInfo, PoolSpec, RaftEnvelope, RaftRequest,
-    RangeRequest, ReadData, ReadSegment, ResizeVolume, SegmentBody, ShardId, ShardInfo, ShardStatus, SnapshotChunk,
-    SnapshotStart, VolumeId, VolumeInfo, WriteRequest, ZeroRequest, PROTOCOL_VERSION,
+    MapVersion, NodeAddr, NodeHello, NodeId, NodeInfo, NodeStats, PlacementReply, PoolInfo, PoolSpec, RaftEnvelope,
+    RaftRequest, RangeRequest, ReadData, ReadSegment, RebuildProgress, ResizeVolume, SegmentBody, ShardId, ShardInfo,
+    ShardStatus, SnapshotChunk, SnapshotStart, VolumeId, VolumeInfo, VolumeIo, WriteRequest, ZeroRequest,
+    PROTOCOL_VERSION,
 };
 use common::{bytes, pool, roundtrip, sample_map, volume, wire};
 
@@ -158,14 +159,20 @@ fn admin_messages_round_trip() {
     let shard =
         ShardInfo { id: ShardId(7), pool: ballast_types::PoolId(1), voters: vec![NodeId(1), NodeId(3)], leader: None };
     roundtrip::<_, pb::Shard>(shard.clone());
-    roundtrip::<_, pb::ShardStatus>(ShardStatus { shard: shard.clone(), under_replicated: true });
+    roundtrip::<_, pb::ShardStatus>(ShardStatus { shard: shard.clone(), under_replicated: true, rebuilding: None });
+    let rebuilding = Some(RebuildProgress { done_bytes: 3 << 20, total_bytes: 8 << 20 });
+    roundtrip::<_, pb::ShardStatus>(ShardStatus { shard: shard.clone(), under_replicated: true, rebuilding });
+    let io = VolumeIo { volume: VolumeId(10), reads: 1, read_bytes: 4096, writes: 2, write_bytes: 8192 };
+    let disk = DiskInfo { path: "/d".into(), capacity: 100, used: 7 };
+    roundtrip::<_, pb::NodeStatsReply>(NodeStats { node: NodeId(2), disks: vec![disk], volumes: vec![io] });
     roundtrip::<_, pb::ClusterStatusReply>(ClusterStatus {
         cluster: ClusterId(5),
         protocol_version: PROTOCOL_VERSION,
         map_version: MapVersion(9),
         meta_leader: Some(NodeId(1)),
         nodes: vec![node],
-        shards: vec![ShardStatus { shard, under_replicated: false }],
+        shards: vec![ShardStatus { shard, under_replicated: false, rebuilding: None }],
+        volume_io: vec![io, VolumeIo::new(VolumeId(11))],
     });
 
     let vol = volume(10, "db", 1);

@@ -11,9 +11,9 @@ use tonic::{Code, Status};
 use ballast_proto::{pb, status_from_api_error, ConvertError, Problem, ProtoError, Reply, SnapshotSequencer};
 use ballast_types::{
     ApiError, Attachment, ClusterStatus, CreateVolume, DetachVolume, DiskInfo, ErrorCode, InitCluster,
-    InitClusterReply, JoinNode, JoinNodeReply, NodeAddr, NodeHello, NodeInfo, PlacementMap, PlacementReply, PoolInfo,
-    PoolSpec, RaftRequest, RangeRequest, ResizeVolume, Retryable, ShardInfo, ShardStatus, SnapshotChunk,
-    ValidationError, VolumeInfo, WriteRequest, ZeroRequest, MAX_IO_LEN, MAX_RANGE_LEN,
+    InitClusterReply, JoinNode, JoinNodeReply, NodeAddr, NodeHello, NodeInfo, NodeStats, PlacementMap, PlacementReply,
+    PoolInfo, PoolSpec, RaftRequest, RangeRequest, RebuildProgress, ResizeVolume, Retryable, ShardInfo, ShardStatus,
+    SnapshotChunk, ValidationError, VolumeInfo, VolumeIo, WriteRequest, ZeroRequest, MAX_IO_LEN, MAX_RANGE_LEN,
 };
 use common::{bytes, sample_map};
 
@@ -281,7 +281,10 @@ fn shards_and_status_are_checked() {
     fails::<ShardInfo, _>(shard(vec![1, 0]), "Shard.voters");
     let dup = invalid(fails::<ShardInfo, _>(shard(vec![1, 2, 1]), "Shard.voters"));
     assert_eq!(dup, ValidationError::Duplicate { what: "voter", id: 1 });
-    fails::<ShardStatus, _>(pb::ShardStatus { shard: None, under_replicated: false }, "ShardStatus.shard");
+    fails::<ShardStatus, _>(pb::ShardStatus { shard: None, ..Default::default() }, "ShardStatus.shard");
+    fails::<RebuildProgress, _>(pb::Rebuild { done_bytes: 2, total_bytes: 1 }, "Rebuild.done_bytes");
+    fails::<VolumeIo, _>(pb::VolumeIo { volume_id: 0, reads: 1, ..Default::default() }, "VolumeIo.volume_id");
+    fails::<NodeStats, _>(pb::NodeStatsReply::default(), "NodeStatsReply.node_id");
     let st = pb::ClusterStatusReply { cluster_id: 1, protocol_version: 1, ..Default::default() };
     assert!(ClusterStatus::try_from(st.clone()).is_ok());
     fails::<ClusterStatus, _>(pb::ClusterStatusReply { cluster_id: 0, ..st.clone() }, "ClusterStatusReply.cluster_id");

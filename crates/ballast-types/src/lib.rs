@@ -15,11 +15,11 @@ pub use api::{
     validate_volume_size, ApiError, AttachVolume, Attachment, BlockStatusRequest, ClusterId, ClusterStatus,
     CreateVolume, DataError, DataRequest, DetachVolume, DiskInfo, Epoch, ErrorCode, Extent, FailureDomain, GroupId,
     InitCluster, InitClusterReply, JoinNode, JoinNodeReply, LeaderHint, MapVersion, NodeAddr, NodeHello, NodeId,
-    NodeInfo, PlacementMap, PlacementReply, PoolId, PoolInfo, PoolSpec, RaftEnvelope, RaftRequest, RangeRequest,
-    ReadData, ReadRequest, ReadSegment, ResizeVolume, SegmentBody, ShardInfo, ShardStatus, SnapshotChunk,
-    SnapshotStart, ValidationError, VolumeInfo, WriteRequest, ZeroRequest, MAX_ADDR_LEN, MAX_CHUNK_SIZE, MAX_IO_LEN,
-    MAX_META_MEMBERS, MAX_NAME_LEN, MAX_RANGE_LEN, MAX_REPLICAS, MAX_SHARDS, MAX_TOKEN_LEN, MAX_VOLUME_SIZE,
-    MIN_CHUNK_SIZE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    NodeInfo, NodeStats, PlacementMap, PlacementReply, PoolId, PoolInfo, PoolSpec, RaftEnvelope, RaftRequest,
+    RangeRequest, ReadData, ReadRequest, ReadSegment, RebuildProgress, ResizeVolume, SegmentBody, ShardInfo,
+    ShardStatus, SnapshotChunk, SnapshotStart, ValidationError, VolumeInfo, VolumeIo, WriteRequest, ZeroRequest,
+    MAX_ADDR_LEN, MAX_CHUNK_SIZE, MAX_IO_LEN, MAX_META_MEMBERS, MAX_NAME_LEN, MAX_RANGE_LEN, MAX_REPLICAS, MAX_SHARDS,
+    MAX_TOKEN_LEN, MAX_VOLUME_SIZE, MIN_CHUNK_SIZE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use checksum::{crc32c, Checksummed};
 pub use error::Retryable;

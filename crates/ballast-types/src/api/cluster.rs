@@ -183,6 +183,60 @@ pub struct PlacementMap {
 }
 
 impl PlacementMap {
+    /// Progress of the replica being rebuilt, while one is; `None` otherwise.
+    pub rebuilding: Option<RebuildProgress>,
+}
+
+/// How far a shard's rebuild (copying it to a new replica) has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RebuildProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl RebuildProgress {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.done_bytes > self.total_bytes {
+            return Err(ValidationError::Other("rebuild done_bytes exceeds total_bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// Data requests served for one volume since the serving nodes started:
+/// counters that only grow (a restarted node's share starts again at zero).
+/// Only successful requests count, once per chunk piece; writes include
+/// zeroes and trims, whose bytes are the range they cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeIo {
+    pub volume: VolumeId,
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+}
+
+impl VolumeIo {
+    pub fn new(volume: VolumeId) -> Self {
+        Self { volume, reads: 0, read_bytes: 0, writes: 0, write_bytes: 0 }
+    }
+
+    /// Add `other`'s counts (saturating: they are statistics).
+    pub fn add(&mut self, other: &VolumeIo) {
+        self.reads = self.reads.saturating_add(other.reads);
+        self.read_bytes = self.read_bytes.saturating_add(other.read_bytes);
+        self.writes = self.writes.saturating_add(other.writes);
+        self.write_bytes = self.write_bytes.saturating_add(other.write_bytes);
+    }
+}
+
+/// One node's live figures, gathered by the meta leader for `ClusterStatus`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStats {
+    pub node: NodeId,
+    /// Capacity and use now (the map holds them as of the node's join).
+    pub disks: Vec<DiskInfo>,
+    pub volumes: Vec<VolumeIo>,
     /// Checks every entry and every reference: volumes name existing pools,
     /// each pool's shard range exists and belongs to it, voters are known nodes.
     /// Keys and the ids inside the values must agree.
@@ -348,6 +402,9 @@ impl CreateVolume {
         validate_volume_size(self.size)?;
         validate_name(&self.pool)
     }
+    /// Every volume of the map once, its counters summed over the nodes that
+    /// answered (a node that is down contributes nothing).
+    pub volume_io: Vec<VolumeIo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
