@@ -12,50 +12,19 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ballast_client::{AdminClient, ClientConfig, ClusterExports};
-use ballast_nbd::{NbdServer, ServerConfig};
-use ballast_node::ShardConfig;
-use ballast_node::{Node, NodeConfig, NodeHandle};
-use ballast_storage::RocksConfig;
+use ballast_client::{AdminClient, ClientConfig};
+use ballast_node::{Node, NodeHandle};
 use ballast_types::{CreateVolume, FailureDomain, InitCluster, PoolSpec};
+use common::cluster::*;
 use common::*;
 
 const MIB: u64 = 1 << 20;
 const SHORT: Duration = Duration::from_secs(60);
 const LONG: Duration = Duration::from_secs(300);
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
-}
-
-fn config(listen: SocketAddr, dir: &Path, join: Vec<String>) -> NodeConfig {
-    let mut c = NodeConfig::daemon(listen, listen.to_string(), vec![dir.to_path_buf()]);
-    c.join = join;
-    c.shard = ShardConfig {
-        heartbeat_interval: Duration::from_millis(100),
-        election_timeout_min: Duration::from_millis(500),
-        election_timeout_max: Duration::from_millis(1000),
-        ..ShardConfig::default()
-    };
-    c.rocks = RocksConfig { block_cache_bytes: 16 << 20, write_buffer_bytes: 8 << 20 };
-    c.reconcile_every = Duration::from_millis(200);
-    c
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
-}
-
-fn qemu_io(uri: &str, script: &str) {
-    let qemu_io = require_tool("qemu-io", "qemu-utils");
-    let out = run(&mut cmd(&qemu_io, ["-f", "raw", "-c", script, uri]), SHORT);
-    assert!(!out.all().contains("failed"), "qemu-io {script}: {}", out.describe());
-}
 
 fn fio_args(name: &str, seed: u64, size: u64) -> Vec<String> {
     vec![
@@ -71,29 +40,6 @@ fn fio_args(name: &str, seed: u64, size: u64) -> Vec<String> {
         "--verify_fatal=1".into(),
         format!("--randseed={}", seed & (i64::MAX as u64)),
     ]
-}
-
-struct Nbd {
-    uri: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    exports: Arc<ClusterExports>,
-}
-
-async fn serve(admin: AdminClient, volume: &str) -> Nbd {
-    let exports =
-        ClusterExports::attach_one(admin, volume, false, false, ClientConfig::default()).await.expect("attach");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind nbd");
-    let uri = format!("nbd://{}/{volume}", listener.local_addr().expect("addr"));
-    let server = NbdServer::new(exports.clone(), ServerConfig::default());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = server
-            .serve_tcp(listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    Nbd { uri, stop, exports }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

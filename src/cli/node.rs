@@ -15,8 +15,8 @@ use super::{parse_addr, parse_name, parse_socket_addr, UsageError};
 /// Settings come from flags, then `BALLAST_*` variables, then `--config`, then defaults.
 #[derive(clap::Args)]
 #[command(after_help = "Every option may also come from the environment (BALLAST_DATA_DIR as a comma-separated \
-    list, BALLAST_LISTEN, BALLAST_ADVERTISE, BALLAST_ZONE, BALLAST_METRICS, BALLAST_JOIN) or from the TOML \
-    file of --config (keys data_dirs, listen, advertise, zone, metrics, join). A flag beats the environment, \
+    list, BALLAST_LISTEN, BALLAST_ADVERTISE, BALLAST_ZONE, BALLAST_METRICS, BALLAST_JOIN, BALLAST_DOWN_AFTER) or \
+    from the TOML file of --config (keys data_dirs, listen, advertise, zone, metrics, join, down_after). A flag beats the environment, \
     which beats the file.")]
 pub struct NodeArgs {
     /// A disk for this node's data, one RocksDB each; repeat for several disks.
@@ -38,6 +38,11 @@ pub struct NodeArgs {
     /// node waits for `ballast cluster init` (or rejoins from its data dirs).
     #[arg(long, value_name = "ADDR,...", value_delimiter = ',', value_parser = parse_addr)]
     pub join: Vec<String>,
+    /// While this node leads the meta group: mark a node down after it has
+    /// not answered for this long (e.g. 30s, 5m) and rebuild its replicas
+    /// on other nodes [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_down_after)]
+    pub down_after: Option<String>,
     /// TOML file with the same settings.
     #[arg(long, value_name = "FILE", env = "BALLAST_CONFIG")]
     pub config: Option<PathBuf>,
@@ -55,8 +60,13 @@ impl NodeArgs {
             zone: self.zone.clone(),
             metrics: self.metrics.map(|a| a.to_string()),
             join: Some(self.join.clone()),
+            down_after: self.down_after.clone(),
         }
     }
+}
+
+fn parse_down_after(s: &str) -> Result<String, String> {
+    super::node_config::parse_duration(s).map(|_| s.to_string())
 }
 
 /// The settings this invocation means: flags, environment and file merged.
@@ -86,6 +96,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let mut config = NodeConfig::daemon(settings.listen, settings.advertise.clone(), settings.data_dirs.clone());
     config.zone = settings.zone.clone();
     config.join = settings.join.clone();
+    config.down_after = settings.down_after;
     let handle = tokio::select! {
         started = Node::start(config) => Arc::new(started.context("starting the node")?),
         () = signals.recv() => return Ok(()),

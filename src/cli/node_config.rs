@@ -13,6 +13,7 @@
 //! zone = "rack-a"
 //! metrics = "0.0.0.0:9100"
 //! join = ["10.0.0.1:7100", "10.0.0.2:7100"]
+//! down_after = "60s"
 //! ```
 //!
 //! Unknown keys are refused, so a misspelt key never silently falls back to
@@ -20,6 +21,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ballast_types::{validate_addr, validate_name};
 use serde::Deserialize;
@@ -34,8 +36,12 @@ pub const ENV_ADVERTISE: &str = "BALLAST_ADVERTISE";
 pub const ENV_ZONE: &str = "BALLAST_ZONE";
 pub const ENV_METRICS: &str = "BALLAST_METRICS";
 pub const ENV_JOIN: &str = "BALLAST_JOIN";
+pub const ENV_DOWN_AFTER: &str = "BALLAST_DOWN_AFTER";
 /// Every variable that configures a node (the demo clears them for its children).
-pub const ENV_ALL: [&str; 6] = [ENV_DATA_DIR, ENV_LISTEN, ENV_ADVERTISE, ENV_ZONE, ENV_METRICS, ENV_JOIN];
+pub const ENV_ALL: [&str; 7] =
+    [ENV_DATA_DIR, ENV_LISTEN, ENV_ADVERTISE, ENV_ZONE, ENV_METRICS, ENV_JOIN, ENV_DOWN_AFTER];
+/// How long a silent node stays a voter before its replicas are rebuilt elsewhere.
+pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(60);
 
 /// One layer of settings, unvalidated. `None` (or an empty list) means
 /// "not set here": the next layer decides.
@@ -48,6 +54,7 @@ pub struct Layer {
     pub zone: Option<String>,
     pub metrics: Option<String>,
     pub join: Option<Vec<String>>,
+    pub down_after: Option<String>,
 }
 
 /// The merged, validated settings a node starts with.
@@ -61,6 +68,9 @@ pub struct NodeSettings {
     pub metrics: Option<SocketAddr>,
     /// Endpoints to join through; empty = wait for `ballast cluster init`.
     pub join: Vec<String>,
+    /// When this node leads the meta group: how long another node may stay
+    /// silent before it is marked down and its replicas are rebuilt.
+    pub down_after: Duration,
 }
 
 /// The layer the environment describes; `get` is `std::env::var(..).ok()`
@@ -74,6 +84,7 @@ pub fn env_layer(get: impl Fn(&str) -> Option<String>) -> Layer {
         zone: get(ENV_ZONE),
         metrics: get(ENV_METRICS),
         join: get(ENV_JOIN).map(|v| split_list(&v)),
+        down_after: get(ENV_DOWN_AFTER),
     }
 }
 
@@ -148,7 +159,34 @@ pub fn merge(flags: &Layer, env: &Layer, file: &Layer) -> Result<NodeSettings, S
         }
         None => Vec::new(),
     };
-    Ok(NodeSettings { data_dirs, listen, advertise, zone, metrics, join })
+    let down_after = match first(|l| l.down_after.as_ref()) {
+        Some((o, v)) => {
+            parse_duration(v).map_err(|e| format!("{}: {e}", o.name("down_after", "--down-after", ENV_DOWN_AFTER)))?
+        }
+        None => DEFAULT_DOWN_AFTER,
+    };
+    Ok(NodeSettings { data_dirs, listen, advertise, zone, metrics, join, down_after })
+}
+
+/// A duration as `500ms`, `30s`, `5m` or `1h` (a bare number is seconds);
+/// at least one second.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    let t = v.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("invalid duration {v:?}: expected a number with ms, s, m or h, e.g. 60s");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(bad()),
+    };
+    if d < Duration::from_secs(1) {
+        return Err(format!("invalid duration {v:?}: at least 1s"));
+    }
+    Ok(d)
 }
 
 fn socket_addr(v: &str, origin: String) -> Result<SocketAddr, String> {
@@ -260,10 +298,28 @@ mod tests {
     }
 
     #[test]
+    fn down_after_takes_units_and_refuses_nonsense() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration(" 1h "), Ok(Duration::from_secs(3600)));
+        for bad in ["", "s", "-5s", "5 parsecs", "1.5s", "10ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        let dirs = Layer { data_dirs: Some(vec!["/d".into()]), ..Layer::default() };
+        assert_eq!(merge(&Layer::default(), &Layer::default(), &dirs).unwrap().down_after, DEFAULT_DOWN_AFTER);
+        let s = merge(&Layer::default(), &env(&[(ENV_DOWN_AFTER, "5s")]), &dirs).unwrap();
+        assert_eq!(s.down_after, Duration::from_secs(5));
+        let file = Layer { down_after: Some("soon".into()), ..dirs };
+        let err = merge(&Layer::default(), &Layer::default(), &file).unwrap_err();
+        assert!(err.starts_with("config key down_after: invalid duration \"soon\""), "{err}");
+    }
+
+    #[test]
     fn the_file_has_the_flag_keys_and_refuses_others() {
         let path = Path::new("node.toml");
         let text = "data_dirs = [\"/a\"]\nlisten = \"127.0.0.1:7100\"\nadvertise = \"h:7100\"\nzone = \"z\"\n\
-                    metrics = \"127.0.0.1:9100\"\njoin = [\"h:1\"]\n";
+                    metrics = \"127.0.0.1:9100\"\njoin = [\"h:1\"]\ndown_after = \"2m\"\n";
         let l = parse_file(path, text).unwrap();
         assert_eq!(l.join, Some(vec!["h:1".to_string()]));
         assert_eq!(l.advertise.as_deref(), Some("h:7100"));

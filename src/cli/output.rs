@@ -387,10 +387,11 @@ mod tests {
                 pool: PoolId(1),
                 voters: voters.iter().map(|v| NodeId(*v)).collect(),
                 leader: leader.map(NodeId),
+                joining: vec![],
             },
             under_replicated: under,
-        }
             rebuilding: None,
+        }
     }
 
     fn status() -> ClusterStatus {
@@ -405,8 +406,8 @@ mod tests {
                 shard(0, &[1, 2, 3], Some(2), false),
                 shard(2, &[1, 2], Some(1), true),
             ],
-        }
             volume_io: vec![],
+        }
     }
 
     #[test]
@@ -417,11 +418,11 @@ mod tests {
         assert_eq!(v.nodes[0].capacity, 20 << 30);
         assert_eq!(v.nodes[0].used, 1 << 30);
         assert_eq!(v.under_replicated, vec![2]);
-        assert_eq!(v.shards.iter().map(|s| s.id).collect::<Vec<_>>(), vec![0, 1, 2]);
         // Node 3 is down: shard 2 (voters 1, 2) keeps its majority but is
         // short of replicas; the others have two of three voters up.
         let states: Vec<&str> = v.shards.iter().map(|s| s.state).collect();
         assert_eq!(states, ["healthy", "healthy", "degraded"]);
+        assert_eq!(v.shards.iter().map(|s| s.id).collect::<Vec<_>>(), vec![0, 1, 2]);
     }
 
     #[test]

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use ballast::local::LocalVolumes;
 
 mod clients;
+/// In-process clusters (node configs, NBD in front of a volume).
+pub mod cluster;
 #[allow(unused_imports)]
 pub use clients::*;
 

@@ -214,7 +214,10 @@ mod tests {
             .zip(10..)
             .map(|((voters, leader), id)| {
                 let voters = voters.iter().copied().map(NodeId).collect();
-                (ShardId(id), ShardInfo { id: ShardId(id), pool: PoolId(1), voters, leader: leader.map(NodeId) })
+                (
+                    ShardId(id),
+                    ShardInfo { id: ShardId(id), pool: PoolId(1), voters, leader: leader.map(NodeId), joining: vec![] },
+                )
             })
             .collect();
         let volume = VolumeInfo {

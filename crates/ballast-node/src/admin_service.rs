@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use ballast_proto::pb;
 use ballast_proto::pb::admin_client::AdminClient;
 use ballast_proto::pb::admin_server::Admin;
-use ballast_proto::pb::raft_client::RaftClient;
 use ballast_proto::{status_from_api_error, MAX_MESSAGE_SIZE};
 use ballast_raft::meta::{MetaNode, MetaPoolSpec};
 use ballast_raft::{BallastNode, ClusterMap, MetaCommand, MetaGroup, MetaOutcome};
@@ -327,15 +326,7 @@ impl AdminService {
 
     /// Whether the node at `addr` answers a Raft hello for our cluster.
     async fn probe(&self, cluster: ClusterId, addr: &str) -> bool {
-        let Ok(channel) = self.inner.channel(addr) else { return false };
-        let hello = pb::NodeHello {
-            cluster_id: cluster.0,
-            node_id: self.inner.id(),
-            addr: self.inner.advertise.clone(),
-            protocol_version: PROTOCOL_VERSION,
-        };
-        let call = async { RaftClient::new(channel).hello(hello).await };
-        matches!(tokio::time::timeout(PROBE_TIMEOUT, call).await, Ok(Ok(r)) if r.get_ref().error.is_none())
+        crate::repair::probe(&self.inner, cluster, addr).await
     }
 
     async fn status(&self, meta: &MetaGroup<RocksStore>) -> Result<ClusterStatus, ApiError> {
@@ -382,10 +373,19 @@ impl AdminService {
                 let live = s.voters.iter().filter(|v| up.get(v).copied().unwrap_or(false)).count();
                 // `rebuilding` stays None until re-replication reports its progress here.
                 ShardStatus { shard: s.info(), under_replicated: live < replicas.max(s.voters.len()), rebuilding: None }
-            volume_io: volume_io.into_values().collect(),
             })
             .collect();
         Ok(ClusterStatus {
+            cluster,
+            protocol_version: PROTOCOL_VERSION,
+            map_version: MapVersion(map.version),
+            meta_leader: Some(NodeId(me)),
+            nodes,
+            shards,
+            volume_io: volume_io.into_values().collect(),
+        })
+    }
+
     /// This node's live figures (`NodeStats`).
     fn local_stats(&self) -> NodeStats {
         NodeStats { node: NodeId(self.inner.id()), disks: self.inner.disk_infos(), volumes: self.inner.io.snapshot() }
@@ -409,15 +409,6 @@ impl AdminService {
             }
             Err(_) => None,
         }
-    }
-
-            cluster,
-            protocol_version: PROTOCOL_VERSION,
-            map_version: MapVersion(map.version),
-            meta_leader: Some(NodeId(me)),
-            nodes,
-            shards,
-        })
     }
 
     async fn delete(&self, meta: &MetaGroup<RocksStore>, name: String) -> Result<pb::Empty, ApiError> {
@@ -554,6 +545,24 @@ impl Admin for AdminService {
             Ok(pb::AttachVolumeReply::from(attachment))
         })
     }
+
+    async fn detach_volume(&self, request: Request<pb::DetachVolumeRequest>) -> Result<Response<pb::Empty>, Status> {
+        leader_call!(self, request, detach_volume, |meta, msg| async move {
+            let d = DetachVolume::try_from(msg).map_err(ApiError::from)?;
+            propose(&meta, MetaCommand::Detach { name: d.name, epoch: d.epoch.map(|e| e.0) }).await?;
+            Ok(pb::Empty {})
+        })
+    }
+
+    async fn shard_moved(&self, request: Request<pb::ShardMovedRequest>) -> Result<Response<pb::Empty>, Status> {
+        leader_call!(self, request, shard_moved, |meta, msg| async move {
+            let cmd = MetaCommand::ShardMoved { shard: msg.shard, voters: msg.voters };
+            propose(&meta, cmd).await?;
+            tracing::info!(shard = %ballast_types::ShardId(msg.shard), "shard rebuilt: its new replicas are complete");
+            Ok(pb::Empty {})
+        })
+    }
+
     /// Answered by this node itself: its own figures, never forwarded.
     async fn node_stats(&self, request: Request<pb::NodeStatsRequest>) -> Result<Response<pb::NodeStatsReply>, Status> {
         let asked = ClusterId(request.into_inner().cluster_id);
@@ -565,15 +574,6 @@ impl Admin for AdminService {
             ))),
             Some(_) => Ok(Response::new(self.local_stats().into())),
         }
-    }
-
-
-    async fn detach_volume(&self, request: Request<pb::DetachVolumeRequest>) -> Result<Response<pb::Empty>, Status> {
-        leader_call!(self, request, detach_volume, |meta, msg| async move {
-            let d = DetachVolume::try_from(msg).map_err(ApiError::from)?;
-            propose(&meta, MetaCommand::Detach { name: d.name, epoch: d.epoch.map(|e| e.0) }).await?;
-            Ok(pb::Empty {})
-        })
     }
 
     async fn get_placement(

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod node;
 pub mod raft_service;
 mod reconcile;
+mod repair;
 pub mod router;
 pub mod transport;
 

@@ -31,7 +31,7 @@ use ballast_proto::MAX_MESSAGE_SIZE;
 use ballast_raft::meta::meta_snapshot_dir;
 use ballast_raft::state_machine::shard_snapshot_dir;
 use ballast_raft::{start_meta, start_shard, BallastNode, LogWriter, MetaGroup, NodeId, ShardConfig, ShardSpec};
-use ballast_storage::{RocksConfig, RocksStore, StorageError};
+use ballast_storage::{LogStore as _, RocksConfig, RocksStore, StorageError};
 use ballast_types::{ClusterId, DiskInfo, GroupId, ShardId};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -80,6 +80,10 @@ pub struct NodeConfig {
     pub locator: Option<Arc<dyn ShardLocator>>,
     /// How often the reconciler re-reads the map when nothing asks it to.
     pub reconcile_every: Duration,
+    /// On the meta leader: a node that has not answered for this long is
+    /// marked down and its shard replicas are rebuilt on other nodes. A node
+    /// back sooner catches up from its groups' logs.
+    pub down_after: Duration,
 }
 
 impl NodeConfig {
@@ -108,6 +112,7 @@ impl NodeConfig {
             rocks: RocksConfig::default(),
             locator: None,
             reconcile_every: Duration::from_millis(500),
+            down_after: Duration::from_secs(60),
         }
     }
 }
@@ -203,12 +208,12 @@ impl Node {
             activation: tokio::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
             channels: Mutex::new(Default::default()),
+            io: Arc::default(),
             stop_tasks,
             tasks: Mutex::new(Vec::new()),
         });
 
         let raft = RaftServer::new(RaftService::new(who, groups.clone()))
-            io: Arc::default(),
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let data = DataServer::new(crate::metrics::MeteredData(
@@ -334,13 +339,13 @@ pub(crate) struct NodeInner {
     stopping: AtomicBool,
     /// gRPC channels to other nodes (Admin forwarding, map fetches, purges).
     channels: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
+    /// Data requests served per volume (`NodeStats`, `ballast status`).
+    pub io: Arc<crate::data_service::VolumeIoCounters>,
     /// Flips to `true` when background tasks must end.
     pub stop_tasks: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
-    /// Data requests served per volume (`NodeStats`, `ballast status`).
-    pub io: Arc<crate::data_service::VolumeIoCounters>,
 impl NodeInner {
     /// This node's id; 0 before it belongs to a cluster.
     pub fn id(&self) -> NodeId {
@@ -473,6 +478,40 @@ impl NodeInner {
         }
         tracing::info!(node = self.id(), %shard, %group, "shard replica started");
         Ok(group)
+    }
+}
+
+impl NodeInner {
+    /// Stop this node's replica of `shard` and delete everything it kept:
+    /// blocks, apply state, the group's log, its snapshot files and its
+    /// manifest entry. Only for a replica its group no longer has.
+    pub async fn destroy_shard_replica(&self, shard: ShardId) -> Result<(), NodeError> {
+        let group = GroupId::for_shard(shard);
+        let mut placement = self.placement.lock().await;
+        if let Some(replica) = self.groups.remove(group) {
+            replica.group.shutdown().await?;
+        }
+        let Some(disk_no) = placement.get(&shard).copied() else { return Ok(()) };
+        let disk = &self.disks[disk_no];
+        let (store, log, dir) = (disk.store.clone(), disk.writer.store().clone(), disk.dir.clone());
+        let listed: Vec<ShardId> =
+            placement.iter().filter(|(s, d)| **d == disk_no && **s != shard).map(|(s, _)| *s).collect();
+        tokio::task::spawn_blocking(move || -> Result<(), NodeError> {
+            ballast_raft::state_machine::destroy_replica(&*store, shard)?;
+            log.delete_group(group.0)?;
+            let snapshots = shard_snapshot_dir(&dir.join("snapshots"), shard);
+            match std::fs::remove_dir_all(&snapshots) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(NodeError::Io(e)),
+                _ => {}
+            }
+            crate::manifest::store(&dir, &listed)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
+        placement.remove(&shard);
+        tracing::info!(node = self.id(), %shard, "shard replica removed and its data deleted");
+        Ok(())
     }
 }
 

@@ -8,6 +8,9 @@
 //! - forms each new shard's group on its first voter: only a replica that
 //!   was never initialized (no vote, no log) initializes, so a restart or a
 //!   second pass never forms a group twice;
+//! - heals ([`crate::repair`]): on the meta leader, marks silent nodes down
+//!   and gives their shards new voters; on every node, moves the groups it
+//!   leads to the map's voters and deletes replicas the map moved away;
 //! - on the meta leader only, frees deleted volumes: every shard of the
 //!   volume's pool drops its blocks through its own log (`Data.Purge` to the
 //!   shard's leader), then the volume's tombstone is removed from the map.
@@ -61,6 +64,8 @@ struct State {
     purged: HashSet<(u64, u32)>,
     /// Seed rotation for map fetches.
     next_seed: usize,
+    /// Liveness, rebuilds and moves ([`crate::repair`]).
+    healer: crate::repair::Healer,
 }
 
 async fn tick(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
@@ -88,7 +93,9 @@ async fn tick(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
                 continue;
             }
         }
-        if info.voters[0] != me || state.formed.contains(shard) {
+        // Only a shard that never had a group is formed; one with joining
+        // replicas has a group that is changing its voters.
+        if info.voters[0] != me || !info.joining.is_empty() || state.formed.contains(shard) {
             continue;
         }
         let Some(replica) = inner.groups.get(group) else { continue };
@@ -113,11 +120,14 @@ async fn tick(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
             Err(e) => problems.push(format!("{shard}: {e}")),
         }
     }
+    problems.extend(state.healer.converge(inner, &map).await);
     if let Some(meta) = inner.meta.get() {
         if meta.leader().map(|(id, _)| id) == Some(me.0) {
             purge_deleted(inner, state, &map).await.unwrap_or_else(|e| problems.push(e));
+            state.healer.lead(inner, meta).await.unwrap_or_else(|e| problems.push(e));
         } else {
             state.purged.clear();
+            state.healer.not_leading();
         }
     }
     if problems.is_empty() {

@@ -261,6 +261,7 @@ impl TryFrom<pb::Shard> for ShardInfo {
             pool: PoolId(m.pool_id),
             voters: m.voters.into_iter().map(NodeId).collect(),
             leader: (m.leader != 0).then_some(NodeId(m.leader)),
+            joining: m.joining.into_iter().map(NodeId).collect(),
         };
         s.validate().field("Shard.voters")?;
         Ok(s)
@@ -274,6 +275,7 @@ impl From<ShardInfo> for pb::Shard {
             pool_id: s.pool.0,
             voters: s.voters.into_iter().map(|n| n.0).collect(),
             leader: s.leader.map_or(0, |n| n.0),
+            joining: s.joining.into_iter().map(|n| n.0).collect(),
         }
     }
 }
@@ -284,9 +286,9 @@ impl TryFrom<pb::ShardStatus> for ShardStatus {
         Ok(ShardStatus {
             shard: required(m.shard, "ShardStatus.shard")?.try_into()?,
             under_replicated: m.under_replicated,
+            rebuilding: m.rebuilding.map(RebuildProgress::try_from).transpose()?,
         })
     }
-            rebuilding: m.rebuilding.map(RebuildProgress::try_from).transpose()?,
 }
 
 impl From<ShardStatus> for pb::ShardStatus {
@@ -366,9 +368,9 @@ impl TryFrom<pb::ClusterStatusReply> for ClusterStatus {
             meta_leader: (m.meta_leader != 0).then_some(NodeId(m.meta_leader)),
             nodes: list(m.nodes)?,
             shards: list(m.shards)?,
+            volume_io: list(m.volume_io)?,
         })
     }
-            volume_io: list(m.volume_io)?,
 }
 
 impl From<ClusterStatus> for pb::ClusterStatusReply {
@@ -380,9 +382,9 @@ impl From<ClusterStatus> for pb::ClusterStatusReply {
             meta_leader: s.meta_leader.map_or(0, |n| n.0),
             nodes: to_pb(s.nodes),
             shards: to_pb(s.shards),
+            volume_io: to_pb(s.volume_io),
         }
     }
-            volume_io: to_pb(s.volume_io),
 }
 
 // ----- volumes -----

@@ -97,7 +97,7 @@ fn map(r: &mut Rng) -> PlacementMap {
             let mut voters: Vec<NodeId> = (1..=n_nodes).map(NodeId).collect();
             voters.truncate(r.range(1, n_nodes.min(5)) as usize);
             let leader = r.coin().then(|| voters[r.below(voters.len() as u64) as usize]);
-            m.shards.insert(s, ShardInfo { id: s, pool: p.id, voters, leader });
+            m.shards.insert(s, ShardInfo { id: s, pool: p.id, voters, leader, joining: vec![] });
         }
         m.pools.insert(p.id, p);
     }

@@ -156,8 +156,13 @@ fn admin_messages_round_trip() {
     assert!(!format!("{:?}", pb::JoinNodeRequest::from(join)).contains("s3cret"));
     roundtrip::<_, pb::JoinNodeReply>(JoinNodeReply { cluster: ClusterId(5), node: NodeId(4) });
 
-    let shard =
-        ShardInfo { id: ShardId(7), pool: ballast_types::PoolId(1), voters: vec![NodeId(1), NodeId(3)], leader: None };
+    let shard = ShardInfo {
+        id: ShardId(7),
+        pool: ballast_types::PoolId(1),
+        voters: vec![NodeId(1), NodeId(3)],
+        leader: None,
+        joining: vec![],
+    };
     roundtrip::<_, pb::Shard>(shard.clone());
     roundtrip::<_, pb::ShardStatus>(ShardStatus { shard: shard.clone(), under_replicated: true, rebuilding: None });
     let rebuilding = Some(RebuildProgress { done_bytes: 3 << 20, total_bytes: 8 << 20 });

@@ -275,7 +275,9 @@ fn pools_and_nodes_are_checked() {
 
 #[test]
 fn shards_and_status_are_checked() {
-    let shard = |voters: Vec<u64>| pb::Shard { id: 1, pool_id: 1, voters, leader: 0 };
+    let shard = |voters: Vec<u64>| pb::Shard { id: 1, pool_id: 1, voters, leader: 0, joining: vec![] };
+    fails::<ShardInfo, _>(pb::Shard { joining: vec![9], ..shard(vec![1, 2]) }, "Shard.voters");
+    fails::<ShardInfo, _>(pb::Shard { joining: vec![1], ..shard(vec![1]) }, "Shard.voters");
     fails::<ShardInfo, _>(shard(vec![]), "Shard.voters");
     fails::<ShardInfo, _>(shard(vec![1, 2, 3, 4, 5, 6]), "Shard.voters");
     fails::<ShardInfo, _>(shard(vec![1, 0]), "Shard.voters");
@@ -367,7 +369,7 @@ fn placement_maps_are_checked() {
     m.shards[0].voters.push(77);
     assert_eq!(dangling(m), ("shard voter", "node"));
     let mut m = good.clone();
-    m.shards.push(pb::Shard { id: 100, pool_id: 1, voters: vec![1], leader: 0 });
+    m.shards.push(pb::Shard { id: 100, pool_id: 1, voters: vec![1], leader: 0, joining: vec![] });
     assert_eq!(dangling(m), ("shard", "pool"));
     let mut m = good.clone();
     let s = m.shards.iter_mut().find(|s| s.id == 0).unwrap();

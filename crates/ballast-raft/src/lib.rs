@@ -42,7 +42,7 @@ pub use log_store::ShardLogStore;
 pub use log_writer::{LogWriter, WriteFailed, WriterCounts};
 pub use meta::{start_meta, ClusterMap, MetaCommand, MetaGroup, MetaOutcome, META_GROUP};
 pub use network::{FullSnapshot, ShardNetworkFactory, Transport, TransportError};
-pub use shard::{start_shard, ShardConfig, ShardGroup, ShardRaft, ShardSpec};
+pub use shard::{start_shard, Membership, ShardConfig, ShardGroup, ShardRaft, ShardSpec};
 pub use snapshot::{ShardSnapshot, SnapshotError, SnapshotHeader, SnapshotPage, SnapshotReceiver};
 pub use state_machine::ShardStateMachine;
 pub use types::{BallastNode, GroupId, NodeId, ShardRequest, ShardResponse, TypeConfig};

@@ -4,7 +4,7 @@
 //! [`ShardGroup`] wraps it with Ballast-typed writes and linearizable reads.
 
 use openraft::async_runtime::watch::WatchReceiver;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,17 @@ use crate::log_writer::LogWriter;
 use crate::network::{ShardNetworkFactory, Transport};
 use crate::state_machine::ShardStateMachine;
 use crate::types::{BallastNode, GroupId, NodeId, ShardRequest, ShardResponse, TypeConfig};
+
+/// A group's membership as one replica sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+    /// This replica is the leader it knows of.
+    pub leading: bool,
+    /// A joint configuration (a change half-way).
+    pub joint: bool,
+}
 
 /// The openraft handle of a shard replica.
 pub type ShardRaft<S> = Raft<TypeConfig, ShardStateMachine<S>>;
@@ -148,6 +159,65 @@ impl<S: BlockStore> ShardGroup<S> {
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id).cloned().unwrap_or_default();
         Some((id, node))
+    }
+
+    /// The group's voters and learners as this replica last saw them (the
+    /// latest membership in its log, committed or not), and whether this
+    /// replica leads.
+    pub fn membership(&self) -> Membership {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let config = m.membership_config.membership();
+        Membership {
+            voters: config.voter_ids().collect(),
+            learners: config.learner_ids().collect(),
+            leading: m.current_leader == Some(self.spec.node),
+            joint: config.get_joint_config().len() > 1,
+        }
+    }
+
+    /// Add each of `nodes` that is neither a voter nor a learner as a learner
+    /// (leader only). Returns at once; the leader then brings each up to date
+    /// through the log or a snapshot streamed in pages. Watch
+    /// [`learner_lag`](Self::learner_lag) for progress.
+    pub async fn add_learners(&self, nodes: &BTreeMap<NodeId, BallastNode>) -> Result<(), ShardError> {
+        let now = self.membership();
+        for (id, node) in nodes {
+            if !now.voters.contains(id) && !now.learners.contains(id) {
+                self.raft.add_learner(*id, node.clone(), false).await.map_err(|e| self.management(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many log entries `node` is behind this leader (`None`: this
+    /// replica does not lead, or is not replicating to `node`).
+    pub fn learner_lag(&self, node: NodeId) -> Option<u64> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let matched = m.replication.as_ref()?.get(&node)?.as_ref().map_or(0, |l| l.index);
+        Some(m.last_log_index.unwrap_or(0).saturating_sub(matched))
+    }
+
+    /// Make the group's voters exactly `voters` and drop the others from the
+    /// group (leader only; every new voter must be a learner already). One
+    /// joint-consensus change; openraft refuses it while another is under way.
+    pub async fn set_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ShardError> {
+        if self.membership().voters == voters {
+            return Ok(());
+        }
+        self.raft.change_membership(voters, false).await.map_err(|e| self.management(e))?;
+        Ok(())
+    }
+
+    fn management(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ShardError {
+        let group = self.spec.group;
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                let (group, leader, addr) = leader_of(group, &f);
+                ShardError::NotLeader { group, leader, addr }
+            }
+            RaftError::Fatal(f) => ShardError::Unavailable { group, reason: f.to_string() },
+            other => ShardError::Rejected { group, reason: other.to_string() },
+        }
     }
 
     /// Replicate and apply `req`; answers once a majority has it durable and

@@ -187,6 +187,20 @@ fn load_snapshot<S: BlockStore>(
     store.write(last, Durability::Sync).map_err(storage)
 }
 
+/// Delete everything a replica of `shard` keeps in `store`: its blocks, its
+/// apply state, epochs and snapshot record, in one synced batch. For a
+/// replica the group has removed; the replica must be stopped first. The
+/// group's log is the log store's to delete
+/// ([`LogStore::delete_group`](ballast_storage::LogStore::delete_group)).
+pub fn destroy_replica<S: BlockStore>(store: &S, shard: ShardId) -> Result<(), StorageError> {
+    let mut b = WriteBatch::new();
+    b.delete_range(shard_range(shard));
+    for (k, _) in store.scan_meta(&keys::prefix(shard))? {
+        b.delete_meta(k);
+    }
+    store.write(b, Durability::Sync)
+}
+
 /// Apply committed entries; returns one answer per entry (`None` for entries
 /// that carry no request). Blocking.
 fn apply_entries<S: BlockStore>(

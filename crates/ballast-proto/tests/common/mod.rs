@@ -55,7 +55,10 @@ pub fn sample_map() -> PlacementMap {
     for p in &pools {
         for (i, s) in p.shard_ids().enumerate() {
             let leader = (i % 2 == 0).then_some(NodeId(1 + i as u64 % 3));
-            shards.insert(s, ShardInfo { id: s, pool: p.id, voters: vec![NodeId(1), NodeId(2), NodeId(3)], leader });
+            shards.insert(
+                s,
+                ShardInfo { id: s, pool: p.id, voters: vec![NodeId(1), NodeId(2), NodeId(3)], leader, joining: vec![] },
+            );
         }
     }
     PlacementMap {

@@ -132,8 +132,13 @@ impl MetaVolume {
 pub struct MetaShard {
     pub id: u32,
     pub pool: u32,
+    /// The voters the group must have: the shard's leader converges the
+    /// group's membership to them.
     pub voters: Vec<u64>,
     pub leader: Option<u64>,
+    /// Voters not yet made voters by the group (being built); see
+    /// [`ShardInfo::joining`]. Never all of `voters`.
+    pub joining: Vec<u64>,
 }
 
 impl MetaShard {
@@ -143,7 +148,13 @@ impl MetaShard {
             pool: PoolId(self.pool),
             voters: self.voters.iter().map(|v| NodeId(*v)).collect(),
             leader: self.leader.map(NodeId),
+            joining: self.joining.iter().map(|v| NodeId(*v)).collect(),
         }
+    }
+
+    /// Voters holding a complete replica.
+    pub fn settled(&self) -> impl Iterator<Item = u64> + '_ {
+        self.voters.iter().copied().filter(|v| !self.joining.contains(v))
     }
 }
 
@@ -166,6 +177,15 @@ pub struct ClusterMap {
     pub next_pool: u32,
     pub next_shard: u32,
     pub next_volume: u64,
+}
+
+/// What [`ClusterMap::repair_moves`] proposes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairPlan {
+    /// `(shard, voters once repaired)`, for `MetaCommand::MoveShard`.
+    pub moves: Vec<(u32, Vec<u64>)>,
+    /// `(shard, why)`: shards that cannot be repaired now.
+    pub stuck: Vec<(u32, String)>,
 }
 
 /// A change to the cluster map, as replicated through the meta group's log.
@@ -221,6 +241,21 @@ pub enum MetaCommand {
         shard: u32,
         voters: Vec<u64>,
         leader: Option<u64>,
+    },
+    /// Give a shard new voters (a rebuild after node loss, a drain, a
+    /// rebalance). At least one current settled voter must stay; the new
+    /// ones become `joining` until the shard's leader has made them voters
+    /// and reports it with [`MetaCommand::ShardMoved`].
+    MoveShard {
+        shard: u32,
+        voters: Vec<u64>,
+    },
+    /// The shard's group now has exactly `voters` as voters: its joining
+    /// replicas are complete. Refused (`CONFLICT`) when the map's voters
+    /// have changed since.
+    ShardMoved {
+        shard: u32,
+        voters: Vec<u64>,
     },
 }
 
@@ -490,9 +525,89 @@ impl ClusterMap {
                     .ok_or_else(|| err(ErrorCode::NotFound, format!("no {}", ShardId(*shard))))?;
                 s.voters = voters.clone();
                 s.leader = *leader;
+                s.joining.clear();
+                Ok(MetaOutcome::Done)
+            }
+            MetaCommand::MoveShard { shard, voters } => self.move_shard(*shard, voters),
+            MetaCommand::ShardMoved { shard, voters } => {
+                let s = self
+                    .shards
+                    .get_mut(shard)
+                    .ok_or_else(|| err(ErrorCode::NotFound, format!("no {}", ShardId(*shard))))?;
+                let (have, told): (BTreeSet<_>, BTreeSet<_>) = (s.voters.iter().collect(), voters.iter().collect());
+                if have != told {
+                    return Err(err(ErrorCode::Conflict, format!("{} has other voters now", ShardId(*shard))));
+                }
+                s.joining.clear();
                 Ok(MetaOutcome::Done)
             }
         }
+    }
+
+    fn move_shard(&mut self, shard: u32, voters: &[u64]) -> Result<MetaOutcome, ApiError> {
+        let distinct: BTreeSet<_> = voters.iter().collect();
+        if voters.is_empty() || voters.len() > MAX_REPLICAS as usize || distinct.len() != voters.len() {
+            return Err(err(ErrorCode::Invalid, "a shard has 1..=5 distinct voters"));
+        }
+        if let Some(n) = voters.iter().find(|n| !self.nodes.contains_key(n)) {
+            return Err(err(ErrorCode::NotFound, format!("no {}", NodeId(*n))));
+        }
+        let s =
+            self.shards.get_mut(&shard).ok_or_else(|| err(ErrorCode::NotFound, format!("no {}", ShardId(shard))))?;
+        if distinct == s.voters.iter().collect() {
+            return Ok(MetaOutcome::Done);
+        }
+        let settled: Vec<u64> = s.settled().collect();
+        // Settled voters first: a replica that may hold no data is never the
+        // one a new group would be formed on.
+        let (mut next, new): (Vec<u64>, Vec<u64>) = voters.iter().partition(|v| settled.contains(v));
+        if next.is_empty() {
+            return Err(err(
+                ErrorCode::Invalid,
+                format!("{} must keep one of its complete replicas on {:?}", ShardId(shard), settled),
+            ));
+        }
+        s.joining = new.clone();
+        next.extend(new);
+        if s.leader.is_some_and(|l| !next.contains(&l) || s.joining.contains(&l)) {
+            s.leader = None;
+        }
+        s.voters = next;
+        Ok(MetaOutcome::Done)
+    }
+
+    /// The moves that replace every voter on a node marked down: for each
+    /// affected shard, its voters once repaired. Shards no eligible node can
+    /// take are left out and returned as stuck.
+    pub fn repair_moves(&self) -> RepairPlan {
+        let down: BTreeSet<NodeId> = self.nodes.values().filter(|n| !n.up).map(|n| NodeId(n.id)).collect();
+        let mut moves: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        let mut stuck = Vec::new();
+        if down.is_empty() {
+            return RepairPlan::default();
+        }
+        for action in self.plan_repair(&down) {
+            match action {
+                placement::Action::Promote { shard, voters, .. } => {
+                    moves.insert(shard.0, voters.iter().map(|v| v.0).collect());
+                }
+                placement::Action::Stuck { shard, reason } => stuck.push((shard.0, reason.to_string())),
+                _ => {}
+            }
+        }
+        // A shard whose every settled voter is down cannot be rebuilt from
+        // anything: leave it for a node to come back.
+        let moves = moves
+            .into_iter()
+            .filter(|(shard, voters)| {
+                let ok = self.shards.get(shard).is_some_and(|s| s.settled().any(|v| voters.contains(&v)));
+                if !ok {
+                    stuck.push((*shard, "every complete replica is on a node that is down".to_string()));
+                }
+                ok
+            })
+            .collect();
+        RepairPlan { moves, stuck }
     }
 
     fn add_node(&mut self, node: &MetaNode) -> Result<(), ApiError> {
@@ -531,7 +646,8 @@ impl ClusterMap {
         for p in placed {
             let voters: Vec<u64> = p.voters.iter().map(|v| v.0).collect();
             let leader = voters.first().copied();
-            self.shards.insert(p.shard.0, MetaShard { id: p.shard.0, pool: pool.id, voters, leader });
+            self.shards
+                .insert(p.shard.0, MetaShard { id: p.shard.0, pool: pool.id, voters, leader, joining: Vec::new() });
         }
         self.next_shard = first + spec.shards;
         self.pools.insert(pool.id, pool.clone());
@@ -678,6 +794,49 @@ mod tests {
         assert_eq!(code(m.apply(&update(vec![1, 9]))), ErrorCode::NotFound);
         assert_eq!(code(m.apply(&update(vec![3, 4]))), ErrorCode::Invalid, "leader hint not a voter");
         m.placement().validate().expect("valid");
+    }
+
+    #[test]
+    fn a_down_node_s_shards_move_and_settle_once_their_groups_report() {
+        let mut m = init(4);
+        assert_eq!(m.repair_moves(), RepairPlan::default(), "nothing is down");
+        m.apply(&MetaCommand::SetNodeState { node: 2, up: false }).expect("down");
+        let RepairPlan { moves, stuck } = m.repair_moves();
+        assert!(stuck.is_empty(), "{stuck:?}");
+        let affected: Vec<u32> = m.shards.values().filter(|s| s.voters.contains(&2)).map(|s| s.id).collect();
+        assert_eq!(moves.iter().map(|(s, _)| *s).collect::<Vec<_>>(), affected);
+        for (shard, voters) in &moves {
+            assert!(!voters.contains(&2) && voters.len() == 3, "{shard}: {voters:?}");
+            let before: Vec<u64> = m.shards[shard].voters.iter().copied().filter(|v| *v != 2).collect();
+            let new: Vec<u64> = voters.iter().copied().filter(|v| !before.contains(v)).collect();
+            assert_eq!(new.len(), 1, "{shard}: one replacement for one lost voter");
+            m.apply(&MetaCommand::MoveShard { shard: *shard, voters: voters.clone() }).expect("move");
+            let s = &m.shards[shard];
+            assert_eq!(s.joining, new);
+            assert_eq!(s.voters[..2], before[..], "complete replicas stay first");
+            assert!(s.leader.is_none_or(|l| l != new[0]));
+        }
+        m.placement().validate().expect("valid");
+        assert_eq!(m.repair_moves().moves, vec![], "nothing left on the down node");
+        let (shard, voters) = moves[0].clone();
+        let v = m.version;
+        assert!(m.apply(&MetaCommand::MoveShard { shard, voters: voters.clone() }).is_ok());
+        assert_eq!(m.version, v, "the same voters again change nothing");
+        assert_eq!(code(m.apply(&MetaCommand::MoveShard { shard, voters: vec![4] })), ErrorCode::Invalid);
+        assert_eq!(code(m.apply(&MetaCommand::ShardMoved { shard, voters: vec![1, 3, 2] })), ErrorCode::Conflict);
+        let mut reversed = voters.clone();
+        reversed.reverse();
+        m.apply(&MetaCommand::ShardMoved { shard, voters: reversed }).expect("settled");
+        assert!(m.shards[&shard].joining.is_empty());
+        // Every complete replica down: nothing to rebuild from.
+        let mut m = init(4);
+        let s0 = m.shards[&0].voters.clone();
+        for n in &s0 {
+            m.apply(&MetaCommand::SetNodeState { node: *n, up: false }).expect("down");
+        }
+        let RepairPlan { moves, stuck } = m.repair_moves();
+        assert!(moves.iter().all(|(s, _)| *s != 0));
+        assert!(stuck.iter().any(|(s, _)| *s == 0), "{stuck:?}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use openraft::Raft;
 
 pub use map::{
     ClusterMap, MetaCommand, MetaFailure, MetaNode, MetaOutcome, MetaPool, MetaPoolSpec, MetaReply, MetaShard,
-    MetaVolume,
+    MetaVolume, RepairPlan,
 };
 pub use placement::{Action, Load, NodeSlot, Placement, PlacementError, PlacementRule};
 pub use state::META_SHARD;

@@ -368,7 +368,18 @@ mod tests {
 
     fn shard_map(p: &[Placement], pool: PoolId) -> BTreeMap<ShardId, ShardInfo> {
         p.iter()
-            .map(|s| (s.shard, ShardInfo { id: s.shard, pool, voters: s.voters.clone(), leader: Some(s.voters[0]) }))
+            .map(|s| {
+                (
+                    s.shard,
+                    ShardInfo {
+                        id: s.shard,
+                        pool,
+                        voters: s.voters.clone(),
+                        leader: Some(s.voters[0]),
+                        joining: vec![],
+                    },
+                )
+            })
             .collect()
     }
 
@@ -411,8 +422,13 @@ mod tests {
     #[test]
     fn repair_of_two_lost_voters_keeps_the_group_size_per_step() {
         let nodes: Vec<_> = (1..=6).map(|i| node(i, None)).collect();
-        let info =
-            ShardInfo { id: ShardId(0), pool: PoolId(1), voters: vec![NodeId(1), NodeId(2), NodeId(3)], leader: None };
+        let info = ShardInfo {
+            id: ShardId(0),
+            pool: PoolId(1),
+            voters: vec![NodeId(1), NodeId(2), NodeId(3)],
+            leader: None,
+            joining: vec![],
+        };
         let shards = BTreeMap::from([(ShardId(0), info)]);
         let pools = BTreeMap::from([(PoolId(1), pool(1, 0, 1, 3, FailureDomain::Node))]);
         let a = plan_repair(&nodes, &pools, &shards, &BTreeSet::from([NodeId(2), NodeId(3)]));

@@ -144,12 +144,27 @@ pub struct ShardInfo {
     pub voters: Vec<NodeId>,
     /// A hint only: the leader may have changed since.
     pub leader: Option<NodeId>,
+    /// Voters still being built (a rebuild or a move): they are in `voters`,
+    /// the group has not yet made them voters, and they may hold no data.
+    /// Empty when the group's membership equals `voters`.
+    pub joining: Vec<NodeId>,
 }
 
 impl ShardInfo {
+    /// Voters that hold a complete replica (not [`joining`](Self::joining)).
+    pub fn settled(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.voters.iter().copied().filter(|v| !self.joining.contains(v))
+    }
+
     pub fn validate(&self) -> Result<(), ValidationError> {
         if self.voters.is_empty() || self.voters.len() > MAX_REPLICAS as usize {
             return Err(ValidationError::Other("a shard has 1..=5 voters"));
+        }
+        if self.joining.iter().any(|j| !self.voters.contains(j)) {
+            return Err(ValidationError::Other("a joining replica is not a voter"));
+        }
+        if self.joining.len() >= self.voters.len() {
+            return Err(ValidationError::Other("a shard needs a voter that is not joining"));
         }
         let mut seen = BTreeSet::new();
         for v in &self.voters {
@@ -168,21 +183,6 @@ impl ShardInfo {
 pub struct ShardStatus {
     pub shard: ShardInfo,
     pub under_replicated: bool,
-}
-
-/// Everything a client needs to route I/O: which shard holds a chunk and who
-/// leads it. Built by the meta leader; clients cache it and refetch on
-/// `StaleMap`/`NotLeader`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PlacementMap {
-    pub version: MapVersion,
-    pub pools: BTreeMap<PoolId, PoolInfo>,
-    pub volumes: BTreeMap<VolumeId, VolumeInfo>,
-    pub shards: BTreeMap<ShardId, ShardInfo>,
-    pub nodes: BTreeMap<NodeId, String>,
-}
-
-impl PlacementMap {
     /// Progress of the replica being rebuilt, while one is; `None` otherwise.
     pub rebuilding: Option<RebuildProgress>,
 }
@@ -237,6 +237,21 @@ pub struct NodeStats {
     /// Capacity and use now (the map holds them as of the node's join).
     pub disks: Vec<DiskInfo>,
     pub volumes: Vec<VolumeIo>,
+}
+
+/// Everything a client needs to route I/O: which shard holds a chunk and who
+/// leads it. Built by the meta leader; clients cache it and refetch on
+/// `StaleMap`/`NotLeader`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PlacementMap {
+    pub version: MapVersion,
+    pub pools: BTreeMap<PoolId, PoolInfo>,
+    pub volumes: BTreeMap<VolumeId, VolumeInfo>,
+    pub shards: BTreeMap<ShardId, ShardInfo>,
+    pub nodes: BTreeMap<NodeId, String>,
+}
+
+impl PlacementMap {
     /// Checks every entry and every reference: volumes name existing pools,
     /// each pool's shard range exists and belongs to it, voters are known nodes.
     /// Keys and the ids inside the values must agree.
@@ -387,6 +402,9 @@ pub struct ClusterStatus {
     pub meta_leader: Option<NodeId>,
     pub nodes: Vec<NodeInfo>,
     pub shards: Vec<ShardStatus>,
+    /// Every volume of the map once, its counters summed over the nodes that
+    /// answered (a node that is down contributes nothing).
+    pub volume_io: Vec<VolumeIo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,9 +420,6 @@ impl CreateVolume {
         validate_volume_size(self.size)?;
         validate_name(&self.pool)
     }
-    /// Every volume of the map once, its counters summed over the nodes that
-    /// answered (a node that is down contributes nothing).
-    pub volume_io: Vec<VolumeIo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
