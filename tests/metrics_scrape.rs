@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -186,6 +186,14 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
     out
 }
 
+fn check(ok: bool, what: &str) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("expected: {what}"))
+    }
+}
+
 /// The sum of `key` over several expositions (a counter summed over nodes).
 fn total(all: &[Exposition], key: &str) -> f64 {
     all.iter().map(|e| e.samples.get(key).copied().unwrap_or(0.0)).sum()
@@ -287,7 +295,7 @@ fn metrics_of_nodes_and_attach_move_when_io_happens() {
     io("read -P 0x5a 0 1M");
     io("flush");
     let written = f64::from((1 << 20) + (256 << 10));
-    let (nodes_after, attach_after) = scrape_all("after");
+    let (_, attach_after) = scrape_all("after");
 
     // The attach process: NBD requests and bytes by op, latency, client RPCs.
     let moved = |key: &str| attach_after.get(key) - attach_before.get(key);
@@ -301,40 +309,54 @@ fn metrics_of_nodes_and_attach_move_when_io_happens() {
     assert!(moved("ballast_client_rpcs_total") >= 3.0, "client Data RPCs counted");
     assert_eq!(attach_after.get("ballast_nbd_errors_total{op=\"write\"}"), 0.0, "no NBD write errors");
 
-    // The nodes: Data requests and bytes on the leaders, fsyncs, Raft latency.
-    let node_moved = |key: &str| total(&nodes_after, key) - total(&nodes_before, key);
-    assert!(node_moved("ballast_data_requests_total{op=\"write\"}") >= 2.0, "Data writes counted");
-    assert!(node_moved("ballast_data_bytes_total{op=\"write\"}") >= written, "Data write bytes counted");
-    assert!(node_moved("ballast_data_requests_total{op=\"read\"}") >= 1.0, "Data reads counted");
-    for key in [
-        "ballast_raft_log_fsync_seconds_count",
-        "ballast_raft_append_seconds_count",
-        "ballast_raft_commit_seconds_count",
-        "ballast_raft_apply_seconds_count",
-        "ballast_raft_log_batch_appends_count",
-    ] {
-        // Three replicas: every node fsyncs and applies the writes.
-        for (i, (before, after)) in nodes_before.iter().zip(&nodes_after).enumerate() {
-            if key == "ballast_raft_commit_seconds_count" {
-                continue;
+    // The nodes. Followers fsync and apply a moment after the leader has
+    // answered, and leadership settles after init: scrape until it all holds.
+    let node_checks = |nodes_after: &[Exposition]| -> Result<(), String> {
+        let node_moved = |key: &str| total(nodes_after, key) - total(&nodes_before, key);
+        check(node_moved("ballast_data_requests_total{op=\"write\"}") >= 2.0, "Data writes counted")?;
+        check(node_moved("ballast_data_bytes_total{op=\"write\"}") >= written, "Data write bytes counted")?;
+        check(node_moved("ballast_data_requests_total{op=\"read\"}") >= 1.0, "Data reads counted")?;
+        check(node_moved("ballast_raft_commit_seconds_count") >= 2.0, "commit latency observed on the leaders")?;
+        for key in [
+            "ballast_raft_log_fsync_seconds_count",
+            "ballast_raft_append_seconds_count",
+            "ballast_raft_apply_seconds_count",
+            "ballast_raft_log_batch_appends_count",
+        ] {
+            // Three replicas: every node fsyncs and applies the writes.
+            for (i, (before, after)) in nodes_before.iter().zip(nodes_after).enumerate() {
+                check(after.get(key) > before.get(key), &format!("{key} moved on node {}", i + 1))?;
             }
-            assert!(after.get(key) > before.get(key), "{key} did not move on node {}", i + 1);
         }
-        assert!(node_moved(key) >= 2.0, "{key} moved by {}", node_moved(key));
-    }
-    assert!(node_moved("ballast_raft_log_written_bytes_total") >= written, "Raft log bytes counted");
-    assert_eq!(total(&nodes_after, "ballast_checksum_errors_total{kind=\"wire\"}"), 0.0);
-    assert_eq!(total(&nodes_after, "ballast_checksum_errors_total{kind=\"stored\"}"), 0.0);
-    assert_eq!(total(&nodes_after, "ballast_scrub_bytes_total"), 0.0, "no scrub yet");
-
-    // State gauges: 2 shards × 3 replicas, 2 leaders, one meta leader, which
-    // alone reports under-replicated shards (none).
-    assert_eq!(total(&nodes_after, "ballast_node_shard_replicas"), 6.0);
-    assert_eq!(total(&nodes_after, "ballast_node_shard_leaders"), 2.0);
-    assert_eq!(total(&nodes_after, "ballast_node_meta_leader"), 1.0);
-    let reporting: Vec<f64> =
-        nodes_after.iter().filter_map(|e| e.samples.get("ballast_shards_under_replicated").copied()).collect();
-    assert_eq!(reporting, vec![0.0], "the meta leader alone reports under-replicated shards");
+        check(node_moved("ballast_raft_log_written_bytes_total") >= written, "Raft log bytes counted")?;
+        for key in [
+            "ballast_checksum_errors_total{kind=\"wire\"}",
+            "ballast_checksum_errors_total{kind=\"stored\"}",
+            "ballast_scrub_bytes_total",
+        ] {
+            check(total(nodes_after, key) == 0.0, &format!("{key} is 0"))?;
+        }
+        // 2 shards × 3 replicas, 2 leaders, one meta leader, which alone
+        // reports under-replicated shards (none).
+        check(total(nodes_after, "ballast_node_shard_replicas") == 6.0, "6 shard replicas")?;
+        check(total(nodes_after, "ballast_node_shard_leaders") == 2.0, "2 shard leaders")?;
+        check(total(nodes_after, "ballast_node_meta_leader") == 1.0, "1 meta leader")?;
+        let reporting: Vec<f64> =
+            nodes_after.iter().filter_map(|e| e.samples.get("ballast_shards_under_replicated").copied()).collect();
+        check(reporting == vec![0.0], "the meta leader alone reports 0 under-replicated shards")
+    };
+    let deadline = Instant::now() + SHORT;
+    let nodes_after = loop {
+        let (nodes_after, _) = scrape_all("settled");
+        match node_checks(&nodes_after) {
+            Ok(()) => break nodes_after,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("[ballast-test] not yet: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("node metrics: {e}\n{}", logs()),
+        }
+    };
 
     // Every family the dashboard queries is exported by a node or the attach process.
     let mut exported: BTreeSet<String> = attach_after.types.keys().cloned().collect();
