@@ -86,10 +86,11 @@ pub struct RebuildView {
 
 /// A shard's state as `ballast status` names it, worst first.
 pub fn shard_state(sh: &ShardStatus, up: impl Fn(u64) -> bool) -> &'static str {
-    let live = sh.shard.voters.iter().filter(|v| up(v.0)).count();
+    // A joining voter holds no complete copy yet: it does not count.
+    let live = sh.shard.settled().filter(|v| up(v.0)).count();
     if live < sh.shard.voters.len() / 2 + 1 {
         "unavailable"
-    } else if sh.rebuilding.is_some() {
+    } else if sh.rebuilding.is_some() || !sh.shard.joining.is_empty() {
         "rebuilding"
     } else if sh.under_replicated {
         "degraded"

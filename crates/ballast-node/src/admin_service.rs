@@ -370,7 +370,8 @@ impl AdminService {
             .values()
             .map(|s| {
                 let replicas = map.pools.get(&s.pool).map_or(0, |p| p.spec.replicas as usize);
-                let live = s.voters.iter().filter(|v| up.get(v).copied().unwrap_or(false)).count();
+                // Joining voters are being built: not a copy yet.
+                let live = s.settled().filter(|v| up.get(v).copied().unwrap_or(false)).count();
                 // `rebuilding` stays None until re-replication reports its progress here.
                 ShardStatus { shard: s.info(), under_replicated: live < replicas.max(s.voters.len()), rebuilding: None }
             })
