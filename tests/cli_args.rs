@@ -67,6 +67,11 @@ fn bad_flags_get_one_line_and_exit_2() {
         (&["node", "--data-dir", "/tmp/x", "--join", "a:1,nohost"], "nohost"),
         (&["node", "--data-dir", "/tmp/x", "--zone", "bad zone"], "bad zone"),
         (&["node", "--data-dir", "/tmp/x", "--metrics", "9100"], "9100"),
+        (&["node", "--data-dir", "/tmp/x", "--down-after", "soon"], "soon"),
+        (&["node", "--data-dir", "/tmp/x", "--down-after", "10ms"], "at least 1s"),
+        (&["cluster", "drain", "nodeX"], "nodeX"),
+        (&["cluster", "remove", "0"], "0"),
+        (&["cluster", "wait-healthy", "--timeout", "5x"], "5x"),
         (&["volume", "create", "v", "--size", "3parsecs"], "3parsecs"),
         (&["volume", "create", "v", "--size", "1000"], "1000"),
         (&["volume", "create", "v", "--size", "0"], "size"),
@@ -97,6 +102,7 @@ fn bad_environment_gets_one_line_and_exit_2() {
     assert_usage_error(&["node", "--data-dir", "/tmp/x"], &[("BALLAST_LISTEN", "nope")], "BALLAST_LISTEN");
     assert_usage_error(&["node", "--data-dir", "/tmp/x"], &[("BALLAST_METRICS", "x:y")], "BALLAST_METRICS");
     assert_usage_error(&["node", "--data-dir", "/tmp/x"], &[("BALLAST_JOIN", "a:1,b")], "BALLAST_JOIN");
+    assert_usage_error(&["node", "--data-dir", "/tmp/x"], &[("BALLAST_DOWN_AFTER", "x")], "BALLAST_DOWN_AFTER");
     assert_usage_error(&["node"], &[("BALLAST_ZONE", "a/b"), ("BALLAST_DATA_DIR", "/tmp/x")], "BALLAST_ZONE");
     assert_usage_error(&["volume", "list"], &[("BALLAST_ENDPOINTS", "127.0.0.1:1,bad")], "bad");
     assert_usage_error(&["node"], &[], "no data directory");
@@ -136,6 +142,9 @@ fn every_command_has_help() {
         &["cluster"],
         &["cluster", "init"],
         &["cluster", "status"],
+        &["cluster", "drain"],
+        &["cluster", "remove"],
+        &["cluster", "wait-healthy"],
         &["pool"],
         &["pool", "create"],
         &["pool", "list"],

@@ -6,7 +6,8 @@
 //! - the rebuilt replicas hold the data: with a second node stopped, every
 //!   shard still commits writes and everything reads back;
 //! - the lost node returns: it is marked up again and deletes the replicas
-//!   its groups no longer have.
+//!   its groups no longer have;
+//! - a drained node's replicas move to the others while a client writes.
 //!
 //! Seeded: the seed is printed; `BALLAST_SEED=<seed>` replays it.
 
@@ -134,6 +135,22 @@ async fn a_lost_node_s_replicas_are_rebuilt_on_the_others_without_help() {
     }
     let (uri, p) = (nbd.uri.clone(), again.clone());
     blocking(move || check(&uri, &p)).await;
+
+    // Drain a node while a client writes: its replicas move (node 4 takes
+    // them), nothing is lost, and a meta member cannot be removed.
+    let drained = NodeId(nodes[second].as_ref().expect("running").id());
+    admin.drain_node(drained).await.expect("drain");
+    let (uri, p) = (nbd.uri.clone(), first.clone());
+    let writer = tokio::task::spawn_blocking(move || qemu_io_each(&uri, &writes(&p)));
+    wait_status(&admin, "the drained node holds no replica", HEAL, |s| {
+        s.shards.iter().all(|sh| !sh.shard.voters.contains(&drained) && sh.shard.joining.is_empty())
+    })
+    .await;
+    writer.await.expect("writer");
+    let (uri, p) = (nbd.uri.clone(), first.clone());
+    blocking(move || check(&uri, &p)).await;
+    let refused = admin.remove_node(drained).await.expect_err("a meta member cannot be removed");
+    assert!(refused.to_string().contains("meta group"), "{refused}");
 
     let _ = nbd.stop.send(());
     nbd.exports.detach_all().await.expect("detach");

@@ -112,6 +112,103 @@ pub enum ClusterCmd {
         #[command(flatten)]
         out: OutArgs,
     },
+    /// Move every replica off a node (e.g. before retiring it); it then takes
+    /// no new ones. I/O continues throughout.
+    Drain {
+        /// The node, as `cluster status` names it (`node-3` or `3`).
+        #[arg(value_parser = parse_node)]
+        node: u64,
+        /// Return once the drain is recorded instead of waiting for the moves.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this long (e.g. 30m).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_wait)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Forget a node that holds no replicas (drained, or down and rebuilt
+    /// elsewhere). Members of the meta group cannot be removed yet.
+    Remove {
+        /// The node, as `cluster status` names it (`node-3` or `3`).
+        #[arg(value_parser = parse_node)]
+        node: u64,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Wait until every shard has all its replicas complete (after a node
+    /// loss, a drain or a restart), showing progress; exit 1 on timeout.
+    WaitHealthy {
+        /// Give up after this long (e.g. 10m).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_wait)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+/// A node id: `3` or `node-3`.
+fn parse_node(s: &str) -> Result<u64, String> {
+    let digits = s.strip_prefix("node-").unwrap_or(s);
+    match digits.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("invalid node {s:?}: expected a node id such as node-3 or 3")),
+    }
+}
+
+fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    super::node_config::parse_duration(s)
+}
+
+/// Shards not yet whole: under-replicated or with joining voters, and those
+/// that list `node` as a voter when one is given.
+fn pending(status: &ballast_types::ClusterStatus, node: Option<u64>) -> usize {
+    status
+        .shards
+        .iter()
+        .filter(|s| {
+            s.under_replicated
+                || !s.shard.joining.is_empty()
+                || node.is_some_and(|n| s.shard.voters.contains(&ballast_types::NodeId(n)))
+        })
+        .count()
+}
+
+/// Poll `status` until no shard is pending; a progress bar on a terminal,
+/// a line per change otherwise.
+async fn wait_until_whole(admin: &AdminClient, node: Option<u64>, timeout: std::time::Duration) -> Result<()> {
+    use std::io::IsTerminal;
+    let deadline = std::time::Instant::now() + timeout;
+    let first = pending(&admin.status().await?, node);
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| indicatif::ProgressBar::new(first as u64).with_message("shards to rebuild or move"));
+    let mut last = usize::MAX;
+    loop {
+        let left = match admin.status().await {
+            Ok(s) => pending(&s, node),
+            // The meta leader may be changing: keep waiting.
+            Err(e) if ballast_types::Retryable::is_retryable(&e) => last,
+            Err(e) => return Err(e.into()),
+        };
+        if left != last {
+            match &bar {
+                Some(b) => b.set_position(first.saturating_sub(left) as u64),
+                None => eprintln!("{left} shard(s) still to rebuild or move"),
+            }
+            last = left;
+        }
+        if left == 0 {
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("{left} shard(s) still not whole after {timeout:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 #[derive(Subcommand)]
@@ -230,6 +327,28 @@ pub async fn cluster(cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Status { conn, out } => {
             let status = conn.admin(ClientConfig::default())?.status().await?;
             output::print(out.output, &output::status_view(&status), output::status_table)
+        }
+        ClusterCmd::Drain { node, no_wait, timeout, conn } => {
+            let admin = conn.admin(ClientConfig::default())?;
+            admin.drain_node(ballast_types::NodeId(node)).await?;
+            if no_wait {
+                println!("draining node-{node}: its replicas are moving to other nodes");
+                return Ok(());
+            }
+            wait_until_whole(&admin, Some(node), timeout).await?;
+            println!("node-{node} drained: it holds no replicas; `ballast cluster remove node-{node}` forgets it");
+            Ok(())
+        }
+        ClusterCmd::Remove { node, conn } => {
+            conn.admin(ClientConfig::default())?.remove_node(ballast_types::NodeId(node)).await?;
+            println!("node-{node} removed from the cluster");
+            Ok(())
+        }
+        ClusterCmd::WaitHealthy { timeout, conn } => {
+            let admin = conn.admin(ClientConfig::default())?;
+            wait_until_whole(&admin, None, timeout).await?;
+            println!("every shard has all its replicas");
+            Ok(())
         }
     }
 }

@@ -10,8 +10,8 @@ use ballast_proto::pb::admin_client::AdminClient as PbAdmin;
 use ballast_proto::{code_from_grpc, pb, ConvertError, ProtoError};
 use ballast_types::{
     validate_addr, validate_name, ApiError, AttachVolume, Attachment, ClusterStatus, CreateVolume, DetachVolume,
-    ErrorCode, InitCluster, InitClusterReply, JoinNode, JoinNodeReply, MapVersion, PlacementReply, PoolInfo, PoolSpec,
-    ResizeVolume, Retryable, ValidationError, VolumeInfo,
+    ErrorCode, InitCluster, InitClusterReply, JoinNode, JoinNodeReply, MapVersion, NodeId, PlacementReply, PoolInfo,
+    PoolSpec, ResizeVolume, Retryable, ValidationError, VolumeInfo,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
@@ -242,6 +242,20 @@ impl AdminClient {
             async move { c.attach_volume(msg).await }
         })
         .await
+    }
+
+    /// Move every replica off `node`; it then takes no new ones. Returns once
+    /// recorded: the moves happen in the background (watch `status`).
+    pub async fn drain_node(&self, node: NodeId) -> Result<(), ClientError> {
+        let msg = pb::NodeRef { node_id: node.0 };
+        self.call("drain node", move |mut c| async move { c.drain_node(msg).await }).await.map(|_| ())
+    }
+
+    /// Forget `node`. `CONFLICT` while it still holds replicas or is a meta
+    /// group member.
+    pub async fn remove_node(&self, node: NodeId) -> Result<(), ClientError> {
+        let msg = pb::NodeRef { node_id: node.0 };
+        self.call("remove node", move |mut c| async move { c.remove_node(msg).await }).await.map(|_| ())
     }
 
     /// Release an attachment (`epoch: None` for a read-only one). `FENCED`

@@ -555,6 +555,30 @@ impl Admin for AdminService {
         })
     }
 
+    async fn drain_node(&self, request: Request<pb::NodeRef>) -> Result<Response<pb::Empty>, Status> {
+        leader_call!(self, request, drain_node, |meta, msg| async move {
+            propose(&meta, MetaCommand::DrainNode { node: msg.node_id }).await?;
+            tracing::info!(node = msg.node_id, "draining: its replicas move to other nodes");
+            self.inner.map.want_refresh();
+            Ok(pb::Empty {})
+        })
+    }
+
+    async fn remove_node(&self, request: Request<pb::NodeRef>) -> Result<Response<pb::Empty>, Status> {
+        leader_call!(self, request, remove_node, |meta, msg| async move {
+            if meta.group().membership().voters.contains(&msg.node_id) {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("{} is a member of the meta group, which cannot change yet", NodeId(msg.node_id)),
+                ));
+            }
+            propose(&meta, MetaCommand::RemoveNode { node: msg.node_id }).await?;
+            tracing::info!(node = msg.node_id, "node removed from the cluster");
+            self.inner.map.want_refresh();
+            Ok(pb::Empty {})
+        })
+    }
+
     async fn shard_moved(&self, request: Request<pb::ShardMovedRequest>) -> Result<Response<pb::Empty>, Status> {
         leader_call!(self, request, shard_moved, |meta, msg| async move {
             let cmd = MetaCommand::ShardMoved { shard: msg.shard, voters: msg.voters };

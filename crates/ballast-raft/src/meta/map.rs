@@ -29,6 +29,9 @@ pub struct MetaNode {
     pub up: bool,
     /// `(path, capacity, used)` per disk.
     pub disks: Vec<(String, u64, u64)>,
+    /// Being drained: takes no new replicas, and its replicas move to
+    /// other nodes (`ballast node drain`).
+    pub draining: bool,
 }
 
 impl From<&NodeInfo> for MetaNode {
@@ -39,6 +42,7 @@ impl From<&NodeInfo> for MetaNode {
             zone: n.zone.clone(),
             up: n.up,
             disks: n.disks.iter().map(|d| (d.path.clone(), d.capacity, d.used)).collect(),
+            draining: false,
         }
     }
 }
@@ -257,6 +261,16 @@ pub enum MetaCommand {
         shard: u32,
         voters: Vec<u64>,
     },
+    /// Move every replica off `node` and place none there (until it is
+    /// removed). Idempotent.
+    DrainNode {
+        node: u64,
+    },
+    /// Forget `node`. Refused (`CONFLICT`) while any shard lists it as a
+    /// voter: drain it first (or let a down node's replicas be rebuilt).
+    RemoveNode {
+        node: u64,
+    },
 }
 
 /// What a successful command produced.
@@ -349,7 +363,12 @@ impl ClusterMap {
     pub fn node_slots(&self) -> Vec<NodeSlot> {
         self.nodes
             .values()
-            .map(|n| NodeSlot { id: NodeId(n.id), zone: n.zone.clone(), up: n.up, disks: n.disks.len() as u32 })
+            .map(|n| NodeSlot {
+                id: NodeId(n.id),
+                zone: n.zone.clone(),
+                up: n.up && !n.draining,
+                disks: n.disks.len() as u32,
+            })
             .collect()
     }
 
@@ -529,6 +548,33 @@ impl ClusterMap {
                 Ok(MetaOutcome::Done)
             }
             MetaCommand::MoveShard { shard, voters } => self.move_shard(*shard, voters),
+            MetaCommand::DrainNode { node } => {
+                let n = self
+                    .nodes
+                    .get_mut(node)
+                    .ok_or_else(|| err(ErrorCode::NotFound, format!("no {}", NodeId(*node))))?;
+                n.draining = true;
+                Ok(MetaOutcome::Done)
+            }
+            MetaCommand::RemoveNode { node } => {
+                if !self.nodes.contains_key(node) {
+                    return Ok(MetaOutcome::Done);
+                }
+                let holds: Vec<String> = self
+                    .shards
+                    .values()
+                    .filter(|s| s.voters.contains(node))
+                    .map(|s| ShardId(s.id).to_string())
+                    .collect();
+                if !holds.is_empty() {
+                    return Err(err(
+                        ErrorCode::Conflict,
+                        format!("{} still holds replicas of {}: drain it first", NodeId(*node), holds.join(", ")),
+                    ));
+                }
+                self.nodes.remove(node);
+                Ok(MetaOutcome::Done)
+            }
             MetaCommand::ShardMoved { shard, voters } => {
                 let s = self
                     .shards
@@ -580,7 +626,8 @@ impl ClusterMap {
     /// affected shard, its voters once repaired. Shards no eligible node can
     /// take are left out and returned as stuck.
     pub fn repair_moves(&self) -> RepairPlan {
-        let down: BTreeSet<NodeId> = self.nodes.values().filter(|n| !n.up).map(|n| NodeId(n.id)).collect();
+        let down: BTreeSet<NodeId> =
+            self.nodes.values().filter(|n| !n.up || n.draining).map(|n| NodeId(n.id)).collect();
         let mut moves: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         let mut stuck = Vec::new();
         if down.is_empty() {
@@ -666,6 +713,7 @@ mod tests {
             zone: Some(format!("z{id}")),
             up: true,
             disks: vec![("/d0".into(), 1 << 40, 0)],
+            draining: false,
         }
     }
 
@@ -837,6 +885,30 @@ mod tests {
         let RepairPlan { moves, stuck } = m.repair_moves();
         assert!(moves.iter().all(|(s, _)| *s != 0));
         assert!(stuck.iter().any(|(s, _)| *s == 0), "{stuck:?}");
+    }
+
+    #[test]
+    fn a_drained_node_gives_up_its_replicas_and_is_removed_only_when_empty() {
+        let mut m = init(4);
+        let held: Vec<u32> = m.shards.values().filter(|s| s.voters.contains(&3)).map(|s| s.id).collect();
+        assert!(!held.is_empty());
+        assert_eq!(code(m.apply(&MetaCommand::RemoveNode { node: 3 })), ErrorCode::Conflict);
+        m.apply(&MetaCommand::DrainNode { node: 3 }).expect("drain");
+        assert_eq!(code(m.apply(&MetaCommand::DrainNode { node: 9 })), ErrorCode::NotFound);
+        let RepairPlan { moves, stuck } = m.repair_moves();
+        assert!(stuck.is_empty(), "{stuck:?}");
+        assert_eq!(moves.iter().map(|(s, _)| *s).collect::<Vec<_>>(), held);
+        for (shard, voters) in moves {
+            assert!(!voters.contains(&3), "a draining node takes no replica");
+            m.apply(&MetaCommand::MoveShard { shard, voters: voters.clone() }).expect("move");
+            m.apply(&MetaCommand::ShardMoved { shard, voters }).expect("moved");
+        }
+        assert_eq!(m.repair_moves(), RepairPlan::default());
+        let v = m.version;
+        m.apply(&MetaCommand::RemoveNode { node: 3 }).expect("remove");
+        assert!(!m.nodes.contains_key(&3) && m.version == v + 1);
+        m.apply(&MetaCommand::RemoveNode { node: 3 }).expect("removing again is a no-op");
+        m.placement().validate().expect("valid");
     }
 
     #[test]

@@ -207,7 +207,14 @@ mod tests {
     }
 
     fn node(id: u64) -> MetaNode {
-        MetaNode { id, addr: format!("n{id}:7000"), zone: None, up: true, disks: vec![("/d".into(), 1, 0)] }
+        MetaNode {
+            id,
+            addr: format!("n{id}:7000"),
+            zone: None,
+            up: true,
+            disks: vec![("/d".into(), 1, 0)],
+            draining: false,
+        }
     }
 
     #[test]

@@ -60,7 +60,14 @@ async fn leader(nodes: &[&MetaNodeUnderTest]) -> NodeId {
 }
 
 fn meta_node(id: NodeId) -> MetaNode {
-    MetaNode { id, addr: node_info(id).addr, zone: None, up: true, disks: vec![("/disk0".into(), 1 << 40, 0)] }
+    MetaNode {
+        id,
+        addr: node_info(id).addr,
+        zone: None,
+        up: true,
+        disks: vec![("/disk0".into(), 1 << 40, 0)],
+        draining: false,
+    }
 }
 
 async fn ok(node: &MetaNodeUnderTest, cmd: MetaCommand) -> MetaOutcome {
