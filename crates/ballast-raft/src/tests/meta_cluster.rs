@@ -134,7 +134,12 @@ async fn meta_group_replicates_admin_commands_and_a_restarted_replica_rejoins_wi
     let lead2 = leader(&nodes.iter().collect::<Vec<_>>()).await;
     assert_ne!(lead2, lead);
     let l2 = nodes.iter().find(|n| n.id == lead2).expect("new leader");
-    assert_eq!(l2.meta.read_map().await.expect("read").version, before, "nothing lost with the leader");
+    // The new leader's first lease read may wait for its lease: retry it.
+    let version = wait_for("a linearizable read on the new leader", Duration::from_secs(20), async || {
+        l2.meta.read_map().await.ok().map(|m| m.version)
+    })
+    .await;
+    assert_eq!(version, before, "nothing lost with the leader");
     ok(l2, MetaCommand::SetNodeState { node: dead_id, up: false }).await;
     for name in ["c", "d", "e", "f", "g"] {
         ok(l2, create(name)).await;
