@@ -15,8 +15,9 @@ use super::{parse_addr, parse_name, parse_socket_addr, UsageError};
 /// Settings come from flags, then `BALLAST_*` variables, then `--config`, then defaults.
 #[derive(clap::Args)]
 #[command(after_help = "Every option may also come from the environment (BALLAST_DATA_DIR as a comma-separated \
-    list, BALLAST_LISTEN, BALLAST_ADVERTISE, BALLAST_ZONE, BALLAST_METRICS, BALLAST_JOIN, BALLAST_DOWN_AFTER) or \
-    from the TOML file of --config (keys data_dirs, listen, advertise, zone, metrics, join, down_after). A flag beats the environment, \
+    list, BALLAST_LISTEN, BALLAST_ADVERTISE, BALLAST_ZONE, BALLAST_METRICS, BALLAST_JOIN, BALLAST_DOWN_AFTER, \
+    BALLAST_REBUILD_RATE) or from the TOML file of --config (keys data_dirs, listen, advertise, zone, metrics, join, \
+    down_after, rebuild_rate). A flag beats the environment, \
     which beats the file.")]
 pub struct NodeArgs {
     /// A disk for this node's data, one RocksDB each; repeat for several disks.
@@ -43,6 +44,10 @@ pub struct NodeArgs {
     /// on other nodes [default: 60s].
     #[arg(long, value_name = "DURATION", value_parser = parse_down_after)]
     pub down_after: Option<String>,
+    /// Bytes per second for all rebuild streams this node sends (e.g. 200MiB;
+    /// `unlimited`) [default: unlimited].
+    #[arg(long, value_name = "RATE", value_parser = parse_rebuild_rate)]
+    pub rebuild_rate: Option<String>,
     /// TOML file with the same settings.
     #[arg(long, value_name = "FILE", env = "BALLAST_CONFIG")]
     pub config: Option<PathBuf>,
@@ -61,8 +66,13 @@ impl NodeArgs {
             metrics: self.metrics.map(|a| a.to_string()),
             join: Some(self.join.clone()),
             down_after: self.down_after.clone(),
+            rebuild_rate: self.rebuild_rate.clone(),
         }
     }
+}
+
+fn parse_rebuild_rate(s: &str) -> Result<String, String> {
+    super::node_config::parse_rate(s).map(|_| s.to_string())
 }
 
 fn parse_down_after(s: &str) -> Result<String, String> {
@@ -97,6 +107,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     config.zone = settings.zone.clone();
     config.join = settings.join.clone();
     config.down_after = settings.down_after;
+    config.rebuild_rate = settings.rebuild_rate;
     let handle = tokio::select! {
         started = Node::start(config) => Arc::new(started.context("starting the node")?),
         () = signals.recv() => return Ok(()),

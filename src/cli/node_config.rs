@@ -14,6 +14,7 @@
 //! metrics = "0.0.0.0:9100"
 //! join = ["10.0.0.1:7100", "10.0.0.2:7100"]
 //! down_after = "60s"
+//! rebuild_rate = "200MiB"   # per second, all rebuild streams this node sends
 //! ```
 //!
 //! Unknown keys are refused, so a misspelt key never silently falls back to
@@ -37,9 +38,10 @@ pub const ENV_ZONE: &str = "BALLAST_ZONE";
 pub const ENV_METRICS: &str = "BALLAST_METRICS";
 pub const ENV_JOIN: &str = "BALLAST_JOIN";
 pub const ENV_DOWN_AFTER: &str = "BALLAST_DOWN_AFTER";
+pub const ENV_REBUILD_RATE: &str = "BALLAST_REBUILD_RATE";
 /// Every variable that configures a node (the demo clears them for its children).
-pub const ENV_ALL: [&str; 7] =
-    [ENV_DATA_DIR, ENV_LISTEN, ENV_ADVERTISE, ENV_ZONE, ENV_METRICS, ENV_JOIN, ENV_DOWN_AFTER];
+pub const ENV_ALL: [&str; 8] =
+    [ENV_DATA_DIR, ENV_LISTEN, ENV_ADVERTISE, ENV_ZONE, ENV_METRICS, ENV_JOIN, ENV_DOWN_AFTER, ENV_REBUILD_RATE];
 /// How long a silent node stays a voter before its replicas are rebuilt elsewhere.
 pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(60);
 
@@ -55,6 +57,7 @@ pub struct Layer {
     pub metrics: Option<String>,
     pub join: Option<Vec<String>>,
     pub down_after: Option<String>,
+    pub rebuild_rate: Option<String>,
 }
 
 /// The merged, validated settings a node starts with.
@@ -71,6 +74,9 @@ pub struct NodeSettings {
     /// When this node leads the meta group: how long another node may stay
     /// silent before it is marked down and its replicas are rebuilt.
     pub down_after: Duration,
+    /// Bytes per second for the rebuild (snapshot) streams this node sends;
+    /// `None`: unlimited.
+    pub rebuild_rate: Option<u64>,
 }
 
 /// The layer the environment describes; `get` is `std::env::var(..).ok()`
@@ -85,6 +91,7 @@ pub fn env_layer(get: impl Fn(&str) -> Option<String>) -> Layer {
         metrics: get(ENV_METRICS),
         join: get(ENV_JOIN).map(|v| split_list(&v)),
         down_after: get(ENV_DOWN_AFTER),
+        rebuild_rate: get(ENV_REBUILD_RATE),
     }
 }
 
@@ -165,7 +172,24 @@ pub fn merge(flags: &Layer, env: &Layer, file: &Layer) -> Result<NodeSettings, S
         }
         None => DEFAULT_DOWN_AFTER,
     };
-    Ok(NodeSettings { data_dirs, listen, advertise, zone, metrics, join, down_after })
+    let rebuild_rate = match first(|l| l.rebuild_rate.as_ref()) {
+        Some((o, v)) => {
+            parse_rate(v).map_err(|e| format!("{}: {e}", o.name("rebuild_rate", "--rebuild-rate", ENV_REBUILD_RATE)))?
+        }
+        None => None,
+    };
+    Ok(NodeSettings { data_dirs, listen, advertise, zone, metrics, join, down_after, rebuild_rate })
+}
+
+/// A rate in bytes per second as a size (`200MiB`, `1GiB`); `0` or
+/// `unlimited`: no limit (`None`).
+pub fn parse_rate(v: &str) -> Result<Option<u64>, String> {
+    let t = v.trim();
+    if t == "unlimited" {
+        return Ok(None);
+    }
+    let bytes = ballast_types::parse_size(t).map_err(|e| format!("invalid rate {v:?}: {e}"))?;
+    Ok((bytes > 0).then_some(bytes))
 }
 
 /// A duration as `500ms`, `30s`, `5m` or `1h` (a bare number is seconds);
@@ -310,6 +334,13 @@ mod tests {
         assert_eq!(merge(&Layer::default(), &Layer::default(), &dirs).unwrap().down_after, DEFAULT_DOWN_AFTER);
         let s = merge(&Layer::default(), &env(&[(ENV_DOWN_AFTER, "5s")]), &dirs).unwrap();
         assert_eq!(s.down_after, Duration::from_secs(5));
+        let rate = Layer { rebuild_rate: Some("64MiB".into()), ..dirs.clone() };
+        assert_eq!(merge(&Layer::default(), &Layer::default(), &rate).unwrap().rebuild_rate, Some(64 << 20));
+        assert_eq!(parse_rate("unlimited"), Ok(None));
+        assert_eq!(parse_rate("0"), Ok(None));
+        assert!(parse_rate("fast").is_err());
+        let err = merge(&Layer::default(), &env(&[(ENV_REBUILD_RATE, "fast")]), &dirs).unwrap_err();
+        assert!(err.starts_with("BALLAST_REBUILD_RATE: invalid rate"), "{err}");
         let file = Layer { down_after: Some("soon".into()), ..dirs };
         let err = merge(&Layer::default(), &Layer::default(), &file).unwrap_err();
         assert!(err.starts_with("config key down_after: invalid duration \"soon\""), "{err}");
@@ -319,7 +350,7 @@ mod tests {
     fn the_file_has_the_flag_keys_and_refuses_others() {
         let path = Path::new("node.toml");
         let text = "data_dirs = [\"/a\"]\nlisten = \"127.0.0.1:7100\"\nadvertise = \"h:7100\"\nzone = \"z\"\n\
-                    metrics = \"127.0.0.1:9100\"\njoin = [\"h:1\"]\ndown_after = \"2m\"\n";
+                    metrics = \"127.0.0.1:9100\"\njoin = [\"h:1\"]\ndown_after = \"2m\"\nrebuild_rate = \"1GiB\"\n";
         let l = parse_file(path, text).unwrap();
         assert_eq!(l.join, Some(vec!["h:1".to_string()]));
         assert_eq!(l.advertise.as_deref(), Some("h:7100"));

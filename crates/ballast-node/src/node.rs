@@ -84,6 +84,9 @@ pub struct NodeConfig {
     /// marked down and its shard replicas are rebuilt on other nodes. A node
     /// back sooner catches up from its groups' logs.
     pub down_after: Duration,
+    /// Bytes per second for all snapshot streams this node sends (how
+    /// rebuilt replicas get their data); `None`: unlimited.
+    pub rebuild_rate: Option<u64>,
 }
 
 impl NodeConfig {
@@ -113,6 +116,7 @@ impl NodeConfig {
             locator: None,
             reconcile_every: Duration::from_millis(500),
             down_after: Duration::from_secs(60),
+            rebuild_rate: None,
         }
     }
 }
@@ -413,7 +417,7 @@ impl NodeInner {
                 .await
                 .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
         }
-        let transport = Arc::new(GrpcTransport::new(id.cluster, id.node.0));
+        let transport = Arc::new(GrpcTransport::new(id.cluster, id.node.0, self.config.rebuild_rate));
         let _ = self.transport.set(transport.clone());
         let _ = self.who.set((id.cluster, id.node));
         let _ = self.identity.set(id.clone());
