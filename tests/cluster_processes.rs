@@ -14,66 +14,16 @@
 mod common;
 
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::procs::{NodeProc, BIN};
 use common::*;
 
 const MIB: u64 = 1 << 20;
 const SHORT: Duration = Duration::from_secs(60);
 const LONG: Duration = Duration::from_secs(300);
-const BIN: &str = env!("CARGO_BIN_EXE_ballast");
-
-/// One `ballast node` process with its own data dir and port.
-struct NodeProc {
-    dir: PathBuf,
-    addr: String,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl NodeProc {
-    fn new(root: &Path, i: usize) -> Self {
-        let dir = root.join(format!("node{i}"));
-        std::fs::create_dir_all(&dir).expect("data dir");
-        Self { addr: format!("127.0.0.1:{}", free_port()), log: root.join(format!("node{i}.log")), dir, child: None }
-    }
-
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "{} already runs", self.addr);
-        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = Command::new(BIN)
-            .args(["node", "--listen", &self.addr, "--advertise", &self.addr, "--data-dir"])
-            .arg(&self.dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn ballast node");
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 struct Cluster {
     nodes: Vec<NodeProc>,
@@ -110,7 +60,7 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        self.nodes.iter().map(|n| format!("--- {} ---\n{}\n", n.addr, n.log_tail())).collect()
+        self.nodes.iter().map(|n| format!("--- {} ---\n{}\n", n.addr, n.log_tail(30))).collect()
     }
 }
 

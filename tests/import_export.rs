@@ -17,13 +17,14 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::procs::{NodeProc, BIN};
 use common::*;
 use rand::{Rng, SeedableRng};
 
@@ -31,47 +32,6 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const SHORT: Duration = Duration::from_secs(60);
 const LONG: Duration = Duration::from_secs(600);
-const BIN: &str = env!("CARGO_BIN_EXE_ballast");
-
-/// One `ballast node` process with its own data dir and port.
-struct NodeProc {
-    addr: String,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl NodeProc {
-    fn start(root: &Path, i: usize) -> Self {
-        let dir = root.join(format!("node{i}"));
-        std::fs::create_dir_all(&dir).expect("data dir");
-        let addr = format!("127.0.0.1:{}", free_port());
-        let log = root.join(format!("node{i}.log"));
-        let out = OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let child = Command::new(BIN)
-            .args(["node", "--listen", &addr, "--advertise", &addr, "--data-dir"])
-            .arg(&dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn ballast node");
-        Self { addr, log, child: Some(child) }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 struct Cluster {
     nodes: Vec<NodeProc>,
@@ -82,7 +42,7 @@ struct Cluster {
 impl Cluster {
     fn start(n: usize) -> Self {
         let root = tempfile::Builder::new().prefix("ballast-transfer-").tempdir().expect("tempdir");
-        let nodes: Vec<NodeProc> = (1..=n).map(|i| NodeProc::start(root.path(), i)).collect();
+        let nodes: Vec<NodeProc> = (1..=n).map(|i| NodeProc::started(root.path(), i)).collect();
         let endpoints = nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
         Self { nodes, endpoints, root }
     }
@@ -118,14 +78,7 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| {
-                let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                format!("--- {} ---\n{}\n", n.addr, lines[lines.len().saturating_sub(20)..].join("\n"))
-            })
-            .collect()
+        self.nodes.iter().map(|n| format!("--- {} ---\n{}\n", n.addr, n.log_tail(20))).collect()
     }
 }
 

@@ -22,6 +22,8 @@ use ballast::local::LocalVolumes;
 mod clients;
 /// In-process clusters (node configs, NBD in front of a volume).
 pub mod cluster;
+/// `ballast node` processes.
+pub mod procs;
 #[allow(unused_imports)]
 pub use clients::*;
 
