@@ -23,6 +23,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 
 use super::admin::ConnArgs;
+use super::http::{self, read_head};
 use super::serve::bind_unix;
 use super::signals::Signals;
 
@@ -148,24 +149,11 @@ async fn respond<C: Cluster, M: Mounter>(mut stream: UnixStream, driver: &Driver
 type Request = std::result::Result<(String, String, Vec<u8>), String>;
 
 async fn read_request(stream: &mut UnixStream) -> std::io::Result<Request> {
-    let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
-    let end = loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end;
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(Err("request head too long".into()));
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(Err("connection closed before the request head ended".into()));
-        }
-        buf.extend_from_slice(&chunk[..n]);
+    let (head, mut rest) = match read_head(stream, MAX_HEAD).await? {
+        Ok(h) => h,
+        Err(why) => return Ok(Err(why.into())),
     };
-    let Ok(head) = std::str::from_utf8(&buf[..end]) else { return Ok(Err("request head is not UTF-8".into())) };
-    let head = head.to_owned();
-    let mut rest = buf[end + 4..].to_vec();
     let mut lines = head.split("\r\n");
     let mut first = lines.next().unwrap_or("").split_whitespace();
     let (method, path) = (first.next().unwrap_or("").to_owned(), first.next().unwrap_or("").to_owned());
@@ -243,11 +231,7 @@ fn reply(status: u16, body: &str) -> Vec<u8> {
         405 => "Method Not Allowed",
         _ => "Error",
     };
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    http::reply(&format!("{status} {reason}"), CONTENT_TYPE, body, &[])
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+
+use super::http::{read_head, reply};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -83,13 +85,13 @@ pub async fn serve(listener: TcpListener, render: Render, stop: impl Future<Outp
 }
 
 async fn respond(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream, MAX_HEAD)).await {
         Ok(head) => head?,
         Err(_) => return Ok(()),
     };
     let reply = match head {
-        None => reply("400 Bad Request", "text/plain", "bad request\n", &[]),
-        Some(head) => {
+        Err(_) => reply("400 Bad Request", "text/plain", "bad request\n", &[]),
+        Ok((head, _)) => {
             let mut parts = head.lines().next().unwrap_or("").split_whitespace();
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let path = target.split('?').next().unwrap_or("");
@@ -104,44 +106,10 @@ async fn respond(mut stream: TcpStream, render: &Render) -> std::io::Result<()> 
     stream.shutdown().await
 }
 
-/// The request head up to the blank line; `None` when it is too long or not UTF-8.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.truncate(end);
-            return Ok(String::from_utf8(buf).ok());
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn reply(status: &str, content_type: &str, body: &str, extra: &[&str]) -> Vec<u8> {
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for h in extra {
-        head.push_str(h);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    let mut out = head.into_bytes();
-    out.extend_from_slice(body.as_bytes());
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     async fn request(addr: std::net::SocketAddr, raw: &str) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();

@@ -27,6 +27,7 @@ pub mod admin;
 pub mod bench;
 pub mod demo;
 pub mod docker_plugin;
+pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod node_config;

@@ -324,11 +324,6 @@ impl AdminService {
         Ok(JoinNodeReply { cluster, node: NodeId(id) })
     }
 
-    /// Whether the node at `addr` answers a Raft hello for our cluster.
-    async fn probe(&self, cluster: ClusterId, addr: &str) -> bool {
-        crate::repair::probe(&self.inner, cluster, addr).await
-    }
-
     async fn status(&self, meta: &MetaGroup<RocksStore>) -> Result<ClusterStatus, ApiError> {
         let map = read_map(meta).await?;
         let cluster = ClusterId(map.cluster_id);
@@ -337,7 +332,10 @@ impl AdminService {
             if n.id == me {
                 return (n.id, (true, Some(self.local_stats())));
             }
-            (n.id, tokio::join!(self.probe(cluster, &n.addr), self.remote_stats(cluster, &n.addr)))
+            (
+                n.id,
+                tokio::join!(crate::repair::probe(&self.inner, cluster, &n.addr), self.remote_stats(cluster, &n.addr)),
+            )
         });
         let answers: BTreeMap<u64, (bool, Option<NodeStats>)> =
             futures::future::join_all(probes).await.into_iter().collect();

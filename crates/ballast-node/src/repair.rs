@@ -198,11 +198,8 @@ impl Healer {
 async fn move_shard(inner: &Arc<NodeInner>, replica: &Replica<RocksStore>, shard: ShardId) -> Result<(), String> {
     let group = &replica.group;
     let (want, nodes) = wanted(inner, shard).await?;
-    let new: BTreeMap<u64, BallastNode> = nodes
-        .iter()
-        .filter(|(id, _)| !group.membership().voters.contains(id))
-        .map(|(id, n)| (*id, n.clone()))
-        .collect();
+    let voters_now = group.membership().voters;
+    let new: BTreeMap<u64, BallastNode> = nodes.into_iter().filter(|(id, _)| !voters_now.contains(id)).collect();
     if !new.is_empty() {
         group.add_learners(&new).await.map_err(|e| e.to_string())?;
         let started = Instant::now();
@@ -243,7 +240,7 @@ async fn wanted(inner: &NodeInner, shard: ShardId) -> Result<(BTreeSet<u64>, BTr
         let addr = map.nodes.get(v).ok_or_else(|| format!("{v} has no address in the map"))?;
         nodes.insert(v.0, BallastNode::new(addr.clone()));
     }
-    inner.map.update(map.clone());
+    inner.map.update(map);
     Ok((nodes.keys().copied().collect(), nodes))
 }
 

@@ -613,8 +613,8 @@ impl ClusterMap {
                 format!("{} must keep one of its complete replicas on {:?}", ShardId(shard), settled),
             ));
         }
-        s.joining = new.clone();
-        next.extend(new);
+        next.extend(new.iter().copied());
+        s.joining = new;
         if s.leader.is_some_and(|l| !next.contains(&l) || s.joining.contains(&l)) {
             s.leader = None;
         }
