@@ -7,13 +7,16 @@ scripts/setup.sh test
 . scripts/env.sh
 export CARGO_TERM_COLOR=never
 echo "== cargo fmt"; cargo fmt --all -- --check
-echo "== cargo build"; cargo build --workspace --all-targets
-echo "== cargo clippy"; cargo clippy --workspace --all-targets -- -D warnings
+# One feature set for every step, so nothing is built twice: `faults` adds
+# the fault suite (tests/faults.rs) and its injection points, inert unless driven.
+features=(--workspace --features ballast/faults)
+echo "== cargo build"; cargo build "${features[@]}" --all-targets
+echo "== cargo clippy"; cargo clippy "${features[@]}" --all-targets -- -D warnings
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --no-fail-fast -- "$@" 2>&1 | tee "$log"
+cargo test "${features[@]}" --no-fail-fast -- "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 echo "== container tests"; bash tests/containers.sh 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1
 set -e

@@ -2,3 +2,4 @@
 //! together, public so the end-to-end tests can start them in-process.
 
 pub mod local;
+pub mod verify;

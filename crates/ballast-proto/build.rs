@@ -15,8 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // `bytes` fields as `bytes::Bytes`: block data is handed on without a copy.
         .bytes(".")
-        // Its `Debug` is written by hand in lib.rs so the join token never reaches a log.
-        .skip_debug([".ballast.v1.JoinNodeRequest"])
+        // Their `Debug` is written by hand in lib.rs so the join token never reaches a log.
+        .skip_debug([".ballast.v1.JoinNodeRequest", ".ballast.v1.AssignIdentityRequest"])
         .compile_protos(&[proto], &[root])?;
     Ok(())
 }

@@ -14,8 +14,9 @@ use ballast_types::{
 use clap::Subcommand;
 use serde::Serialize;
 
+use super::node_config::incomplete_tls;
 use super::output::{self, Output, PoolSpecView};
-use super::{parse_addr, parse_name, parse_volume_size};
+use super::{parse_addr, parse_name, parse_volume_size, UsageError};
 
 /// Where admin commands go when neither `--endpoints` nor `BALLAST_ENDPOINTS` says
 /// (the nodes `ballast demo` starts).
@@ -35,12 +36,47 @@ pub struct ConnArgs {
         default_values = DEFAULT_ENDPOINTS
     )]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl ConnArgs {
+    /// The Admin client of these endpoints, over TLS when `--tls-*` say so.
+    /// Data channels built on it (attach, gateway, import/export) use the
+    /// same TLS settings.
     pub fn admin(&self, config: ClientConfig) -> Result<AdminClient> {
-        AdminClient::new(self.endpoints.clone(), config)
+        let tls = self.tls.load()?;
+        AdminClient::with_tls(self.endpoints.clone(), config, tls)
             .with_context(|| format!("cannot use endpoints {}", self.endpoints.join(",")))
+    }
+}
+
+/// Mutual TLS towards the cluster, shared by every command that talks to
+/// nodes: all three files, or none (plain HTTP/2).
+#[derive(clap::Args, Clone, Default)]
+pub struct TlsArgs {
+    /// The cluster CA certificate (PEM). With --tls-cert and --tls-key, talk
+    /// to the nodes over mutual TLS (`ballast cluster certs` makes them).
+    #[arg(long, value_name = "FILE", env = "BALLAST_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), signed by the cluster CA.
+    #[arg(long, value_name = "FILE", env = "BALLAST_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", env = "BALLAST_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// Read and check the files; an incomplete set or a bad file is a usage error.
+    pub fn load(&self) -> Result<Option<ballast_client::TlsConfig>, UsageError> {
+        let files =
+            ballast_client::TlsFiles::from_parts(self.tls_ca.clone(), self.tls_cert.clone(), self.tls_key.clone())
+                .map_err(|e| match e {
+                    ballast_client::TlsError::Incomplete { missing } => UsageError(incomplete_tls(&missing)),
+                    other => UsageError(other.to_string()),
+                })?;
+        files.map(|f| f.load()).transpose().map_err(|e| UsageError(e.to_string()))
     }
 }
 
@@ -104,6 +140,9 @@ pub enum ClusterCmd {
     /// Make the --endpoints nodes the first members (meta group) of a new
     /// cluster, with the pool `default`.
     Init(InitArgs),
+    /// Generate a cluster CA and certificates for mutual TLS (ca, node and
+    /// client .crt/.key) into --out; no node is contacted.
+    Certs(super::certs::CertsArgs),
     /// Nodes (up/down, zone, disks), the meta leader, shards and leaders per
     /// node, under-replicated shards.
     Status {
@@ -174,29 +213,77 @@ fn pending(status: &ballast_types::ClusterStatus, node: Option<u64>) -> usize {
         .count()
 }
 
-/// Poll `status` until no shard is pending; a progress bar on a terminal,
-/// a line per change otherwise.
+/// Snapshot bytes copied and to copy, summed over the shards being rebuilt.
+fn rebuild_bytes(status: &ballast_types::ClusterStatus) -> (u64, u64) {
+    status
+        .shards
+        .iter()
+        .filter_map(|s| s.rebuilding)
+        .fold((0, 0), |(d, t), r| (d.saturating_add(r.done_bytes), t.saturating_add(r.total_bytes)))
+}
+
+/// "1 GiB of 4 GiB copied at 8 MiB/s" (or that new replicas replay the log).
+fn bytes_line(done: u64, total: u64, bytes_per_sec: f64) -> String {
+    use ballast_types::format_size;
+    if total == 0 {
+        return "new replicas catching up from the log".to_string();
+    }
+    let mut line = format!("{} of {} copied", format_size(done), format_size(total));
+    if bytes_per_sec > 0.0 {
+        line.push_str(&format!(" at {}/s", format_size(bytes_per_sec.round() as u64)));
+    }
+    line
+}
+
+/// Poll `status` until no shard is pending; a progress bar on a terminal
+/// (shards done, with the bytes copied and the rate), a line per change
+/// otherwise.
 async fn wait_until_whole(admin: &AdminClient, node: Option<u64>, timeout: std::time::Duration) -> Result<()> {
     use std::io::IsTerminal;
     let deadline = std::time::Instant::now() + timeout;
     let first = pending(&admin.status().await?, node);
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(|| indicatif::ProgressBar::new(first as u64).with_message("shards to rebuild or move"));
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(first as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} shards whole  {msg}") {
+            b.set_style(style);
+        }
+        b
+    });
     let mut last = usize::MAX;
+    let mut last_line = String::new();
+    let mut previous: Option<(std::time::Instant, u64)> = None;
     loop {
-        let left = match admin.status().await {
-            Ok(s) => pending(&s, node),
+        let (left, bytes) = match admin.status().await {
+            Ok(s) => (pending(&s, node), Some(rebuild_bytes(&s))),
             // The meta leader may be changing: keep waiting.
-            Err(e) if ballast_types::Retryable::is_retryable(&e) => last,
+            Err(e) if ballast_types::Retryable::is_retryable(&e) => (last, None),
             Err(e) => return Err(e.into()),
         };
-        if left != last {
+        let now = std::time::Instant::now();
+        let line = match bytes {
+            Some((done, total)) if left > 0 => {
+                let rate = match previous {
+                    Some((at, before)) if done >= before => {
+                        (done - before) as f64 / now.duration_since(at).as_secs_f64().max(1e-3)
+                    }
+                    _ => 0.0,
+                };
+                previous = Some((now, done));
+                bytes_line(done, total, rate)
+            }
+            _ => String::new(),
+        };
+        if let Some(b) = &bar {
+            b.set_message(line.clone());
+        }
+        if left != last || (bar.is_none() && !line.is_empty() && line != last_line) {
             match &bar {
                 Some(b) => b.set_position(first.saturating_sub(left) as u64),
-                None => eprintln!("{left} shard(s) still to rebuild or move"),
+                None if line.is_empty() => eprintln!("{left} shard(s) still to rebuild or move"),
+                None => eprintln!("{left} shard(s) still to rebuild or move; {line}"),
             }
             last = left;
+            last_line = line;
         }
         if left == 0 {
             if let Some(b) = bar {
@@ -311,6 +398,7 @@ fn spec_view(p: &PoolSpec) -> PoolSpecView {
 
 pub async fn cluster(cmd: ClusterCmd) -> Result<()> {
     match cmd {
+        ClusterCmd::Certs(a) => super::certs::run(a),
         ClusterCmd::Init(a) => {
             if a.conn.endpoints.len() > MAX_META_MEMBERS {
                 return Err(super::UsageError(format!(
@@ -325,8 +413,23 @@ pub async fn cluster(cmd: ClusterCmd) -> Result<()> {
             output::print(a.out.output, &output::init_view(&reply, Some(spec_view(&pool))), output::init_table)
         }
         ClusterCmd::Status { conn, out } => {
-            let status = conn.admin(ClientConfig::default())?.status().await?;
-            output::print(out.output, &output::status_view(&status), output::status_table)
+            let admin = conn.admin(ClientConfig::default())?;
+            let status = admin.status().await?;
+            output::print(out.output, &output::status_view(&status), output::status_table)?;
+            if out.output == output::Output::Table && status.shards.iter().any(|s| !s.shard.joining.is_empty()) {
+                // A second look a second later gives each rebuild's rate.
+                let window = std::time::Duration::from_secs(1);
+                tokio::time::sleep(window).await;
+                let again = admin.status().await?;
+                let rates = super::status::rebuild_rates(&again, &status, window.as_secs_f64());
+                println!();
+                for s in again.shards.iter().filter(|s| !s.shard.joining.is_empty()) {
+                    let (done, total) = s.rebuilding.map_or((0, 0), |r| (r.done_bytes, r.total_bytes));
+                    let rate = rates.get(&s.shard.id.0).copied().unwrap_or(0.0);
+                    println!("rebuilding {}: {}", s.shard.id, bytes_line(done, total, rate));
+                }
+            }
+            Ok(())
         }
         ClusterCmd::Drain { node, no_wait, timeout, conn } => {
             let admin = conn.admin(ClientConfig::default())?;

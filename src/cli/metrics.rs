@@ -97,6 +97,11 @@ async fn respond(mut stream: TcpStream, render: &Render) -> std::io::Result<()> 
             let path = target.split('?').next().unwrap_or("");
             match (method, path) {
                 ("GET", "/metrics") => reply("200 OK", CONTENT_TYPE, &render(), &[]),
+                #[cfg(feature = "faults")]
+                ("POST", "/faults") => match faults(target.split_once('?').map_or("", |(_, q)| q)) {
+                    Ok(state) => reply("200 OK", "text/plain", &state, &[]),
+                    Err(e) => reply("400 Bad Request", "text/plain", &format!("{e}\n"), &[]),
+                },
                 ("GET", _) => reply("404 Not Found", "text/plain", "not found; try /metrics\n", &[]),
                 _ => reply("405 Method Not Allowed", "text/plain", "only GET\n", &["Allow: GET"]),
             }
@@ -104,6 +109,36 @@ async fn respond(mut stream: TcpStream, render: &Render) -> std::io::Result<()> 
     };
     stream.write_all(&reply).await?;
     stream.shutdown().await
+}
+
+/// `POST /faults?isolate=2,3&disk_delay_ms=20` (feature `faults`): set the
+/// partition and the slow disk of this process's node; a key left out keeps
+/// its setting, `isolate=` heals. Answers the state now in effect.
+#[cfg(feature = "faults")]
+fn faults(query: &str) -> Result<String, String> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "isolate" => {
+                let peers = value
+                    .split(',')
+                    .filter(|v| !v.is_empty())
+                    .map(|v| v.parse::<u64>().map_err(|_| format!("isolate: {v:?} is not a node id")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                ballast_node::faults::isolate(peers);
+            }
+            "disk_delay_ms" => {
+                let ms: u64 = value.parse().map_err(|_| format!("disk_delay_ms: {value:?} is not a number"))?;
+                ballast_node::faults::set_disk_delay(Duration::from_millis(ms));
+            }
+            other => return Err(format!("unknown fault {other:?}: use isolate or disk_delay_ms")),
+        }
+    }
+    Ok(format!(
+        "isolate={:?} disk_delay_ms={}\n",
+        ballast_node::faults::isolated(),
+        ballast_node::faults::disk_delay().as_millis()
+    ))
 }
 
 #[cfg(test)]

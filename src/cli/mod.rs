@@ -4,7 +4,8 @@
 //!   variables and a TOML file by the pure [`node_config::merge`]; [`metrics`]
 //!   is its `/metrics` responder.
 //! - [`admin`]: `cluster`, `pool` and `volume`, thin calls of `AdminClient`
-//!   rendered by [`output`] as a table or JSON; [`transfer`] is `volume
+//!   rendered by [`output`] as a table or JSON; [`certs`] is `cluster certs`
+//!   (a CA and mutual-TLS certificates, no node contacted); [`transfer`] is `volume
 //!   import|export` (sparse raw images, a progress bar).
 //! - [`status`]: `ballast status`, the cluster's health on one screen, once
 //!   or redrawn (`--watch`), with per-volume IOPS from counter deltas.
@@ -12,6 +13,8 @@
 //! - [`demo`]: three node processes, cluster init, one volume, `attach`.
 //! - [`bench`]: a fixed NBD benchmark suite against any export(s).
 //! - [`docker_plugin`]: the Docker volume plugin (mounts volumes for containers).
+//! - [`scrub`]: `ballast scrub`, a scrub pass on every node now, waited for.
+//! - [`verify`]: the fault suite's workload and checker against a live cluster.
 //!
 //! Errors: a [`UsageError`] (bad flag value, environment or config file)
 //! exits with [`EXIT_USAGE`]; anything else, including a refusal from the
@@ -25,6 +28,7 @@ use clap::{Parser, Subcommand};
 
 pub mod admin;
 pub mod bench;
+pub mod certs;
 pub mod demo;
 pub mod docker_plugin;
 pub mod http;
@@ -32,10 +36,12 @@ pub mod metrics;
 pub mod node;
 pub mod node_config;
 pub mod output;
+pub mod scrub;
 pub mod serve;
 pub mod signals;
 pub mod status;
 pub mod transfer;
+pub mod verify;
 
 /// Exit code of bad arguments or configuration (clap uses the same).
 pub const EXIT_USAGE: u8 = 2;
@@ -78,6 +84,10 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Serve Docker's volume plugin protocol: `docker volume create -d ballast`, `docker run -v`.
     DockerPlugin(docker_plugin::DockerPluginArgs),
+    /// Verify every stored block on every node now, repairing damaged ones from healthy replicas.
+    Scrub(scrub::ScrubArgs),
+    /// Check a live cluster: concurrent writers and readers, then prove no acknowledged write was lost.
+    Verify(verify::VerifyArgs),
 }
 
 pub async fn run(command: Command) -> Result<()> {
@@ -92,6 +102,8 @@ pub async fn run(command: Command) -> Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::DockerPlugin(args) => docker_plugin::run(args).await,
+        Command::Scrub(args) => scrub::run(args).await,
+        Command::Verify(args) => verify::run(args).await,
     }
 }
 

@@ -16,9 +16,9 @@ use super::{parse_addr, parse_name, parse_socket_addr, UsageError};
 #[derive(clap::Args)]
 #[command(after_help = "Every option may also come from the environment (BALLAST_DATA_DIR as a comma-separated \
     list, BALLAST_LISTEN, BALLAST_ADVERTISE, BALLAST_ZONE, BALLAST_METRICS, BALLAST_JOIN, BALLAST_DOWN_AFTER, \
-    BALLAST_REBUILD_RATE) or from the TOML file of --config (keys data_dirs, listen, advertise, zone, metrics, join, \
-    down_after, rebuild_rate). A flag beats the environment, \
-    which beats the file.")]
+    BALLAST_REBUILD_RATE, BALLAST_TLS_CA, BALLAST_TLS_CERT, BALLAST_TLS_KEY, BALLAST_JOIN_TOKEN, BALLAST_SCRUB_RATE, \
+    BALLAST_SCRUB_INTERVAL) or from the TOML file of --config (keys data_dirs, listen, advertise, zone, metrics, join, \
+    down_after, rebuild_rate, tls_ca, tls_cert, tls_key, join_token, scrub_rate, scrub_interval). A flag beats the environment, which beats the file.")]
 pub struct NodeArgs {
     /// A disk for this node's data, one RocksDB each; repeat for several disks.
     #[arg(long = "data-dir", value_name = "DIR")]
@@ -48,6 +48,29 @@ pub struct NodeArgs {
     /// `unlimited`) [default: unlimited].
     #[arg(long, value_name = "RATE", value_parser = parse_rebuild_rate)]
     pub rebuild_rate: Option<String>,
+    /// The cluster CA certificate (PEM): with --tls-cert and --tls-key, every
+    /// connection to and from this node is mutual TLS (`ballast cluster certs`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by the CA; it must name the
+    /// address others reach this node at.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Nodes joining through this one (and `cluster init` naming it) must
+    /// present this token; this node presents it when it joins. Prefer
+    /// BALLAST_JOIN_TOKEN or the config file: a flag shows in `ps`.
+    #[arg(long, value_name = "TOKEN")]
+    pub join_token: Option<String>,
+    /// Bytes per second scrub reads this node's blocks at to verify their
+    /// checksums (e.g. 8MiB; `unlimited`) [default: 8MiB].
+    #[arg(long, value_name = "RATE", value_parser = parse_rebuild_rate)]
+    pub scrub_rate: Option<String>,
+    /// Time between scrub passes (e.g. 12h; `ballast scrub` runs one now) [default: 24h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_down_after)]
+    pub scrub_interval: Option<String>,
     /// TOML file with the same settings.
     #[arg(long, value_name = "FILE", env = "BALLAST_CONFIG")]
     pub config: Option<PathBuf>,
@@ -67,6 +90,12 @@ impl NodeArgs {
             join: Some(self.join.clone()),
             down_after: self.down_after.clone(),
             rebuild_rate: self.rebuild_rate.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            join_token: self.join_token.clone(),
+            scrub_rate: self.scrub_rate.clone(),
+            scrub_interval: self.scrub_interval.clone(),
         }
     }
 }
@@ -91,6 +120,8 @@ pub fn settings(args: &NodeArgs) -> Result<NodeSettings, UsageError> {
 
 pub async fn run(args: NodeArgs) -> Result<()> {
     let settings = settings(&args)?;
+    // Read and check the TLS files before anything else: a wrong file is a usage error.
+    let tls = settings.tls.as_ref().map(|f| f.load()).transpose().map_err(|e| UsageError(e.to_string()))?;
     if args.exit_with_parent {
         exit_with_parent()?;
     }
@@ -108,6 +139,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     config.join = settings.join.clone();
     config.down_after = settings.down_after;
     config.rebuild_rate = settings.rebuild_rate;
+    config.tls = tls;
+    config.join_token = settings.join_token.clone();
+    config.scrub_rate = settings.scrub_rate;
+    config.scrub_interval = settings.scrub_interval;
     let handle = tokio::select! {
         started = Node::start(config) => Arc::new(started.context("starting the node")?),
         () = signals.recv() => return Ok(()),
@@ -118,6 +153,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         data_dirs = ?settings.data_dirs,
         zone = settings.zone.as_deref().unwrap_or("-"),
         join = ?settings.join,
+        tls = settings.tls.is_some(),
+        join_token = settings.join_token.is_some(),
         "node running"
     );
 

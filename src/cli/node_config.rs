@@ -15,6 +15,12 @@
 //! join = ["10.0.0.1:7100", "10.0.0.2:7100"]
 //! down_after = "60s"
 //! rebuild_rate = "200MiB"   # per second, all rebuild streams this node sends
+//! scrub_rate = "8MiB"       # per second, reading blocks to verify their CRC32C
+//! scrub_interval = "24h"    # between the end of a scrub pass and the next
+//! tls_ca = "/etc/ballast/ca.crt"      # the three TLS keys go together
+//! tls_cert = "/etc/ballast/node.crt"
+//! tls_key = "/etc/ballast/node.key"
+//! join_token = "…"                    # joins must present the same token
 //! ```
 //!
 //! Unknown keys are refused, so a misspelt key never silently falls back to
@@ -24,6 +30,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ballast_client::TlsFiles;
 use ballast_types::{validate_addr, validate_name};
 use serde::Deserialize;
 
@@ -39,9 +46,36 @@ pub const ENV_METRICS: &str = "BALLAST_METRICS";
 pub const ENV_JOIN: &str = "BALLAST_JOIN";
 pub const ENV_DOWN_AFTER: &str = "BALLAST_DOWN_AFTER";
 pub const ENV_REBUILD_RATE: &str = "BALLAST_REBUILD_RATE";
+/// Shared with the client commands (`--tls-ca` …), which read the same variables.
+pub const ENV_TLS_CA: &str = "BALLAST_TLS_CA";
+pub const ENV_TLS_CERT: &str = "BALLAST_TLS_CERT";
+pub const ENV_TLS_KEY: &str = "BALLAST_TLS_KEY";
+pub const ENV_JOIN_TOKEN: &str = "BALLAST_JOIN_TOKEN";
+pub const ENV_SCRUB_RATE: &str = "BALLAST_SCRUB_RATE";
+pub const ENV_SCRUB_INTERVAL: &str = "BALLAST_SCRUB_INTERVAL";
 /// Every variable that configures a node (the demo clears them for its children).
-pub const ENV_ALL: [&str; 8] =
-    [ENV_DATA_DIR, ENV_LISTEN, ENV_ADVERTISE, ENV_ZONE, ENV_METRICS, ENV_JOIN, ENV_DOWN_AFTER, ENV_REBUILD_RATE];
+pub const ENV_ALL: [&str; 14] = [
+    ENV_DATA_DIR,
+    ENV_LISTEN,
+    ENV_ADVERTISE,
+    ENV_ZONE,
+    ENV_METRICS,
+    ENV_JOIN,
+    ENV_DOWN_AFTER,
+    ENV_REBUILD_RATE,
+    ENV_TLS_CA,
+    ENV_TLS_CERT,
+    ENV_TLS_KEY,
+    ENV_JOIN_TOKEN,
+    ENV_SCRUB_RATE,
+    ENV_SCRUB_INTERVAL,
+];
+/// Bytes per second scrub reads at when no layer says.
+pub const DEFAULT_SCRUB_RATE: u64 = 8 << 20;
+/// Time between scrub passes when no layer says.
+pub const DEFAULT_SCRUB_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Longest join token accepted (the wire's limit).
+pub const MAX_JOIN_TOKEN_LEN: usize = 1024;
 /// How long a silent node stays a voter before its replicas are rebuilt elsewhere.
 pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(60);
 
@@ -58,6 +92,12 @@ pub struct Layer {
     pub join: Option<Vec<String>>,
     pub down_after: Option<String>,
     pub rebuild_rate: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub join_token: Option<String>,
+    pub scrub_rate: Option<String>,
+    pub scrub_interval: Option<String>,
 }
 
 /// The merged, validated settings a node starts with.
@@ -77,6 +117,15 @@ pub struct NodeSettings {
     /// Bytes per second for the rebuild (snapshot) streams this node sends;
     /// `None`: unlimited.
     pub rebuild_rate: Option<u64>,
+    /// Mutual TLS files (all three, or none: plain HTTP/2). Read when the
+    /// node starts, not here.
+    pub tls: Option<TlsFiles>,
+    /// Joins (and `cluster init`) must present this token; `None`: no check.
+    pub join_token: Option<String>,
+    /// Bytes per second scrub reads at; `None`: unlimited.
+    pub scrub_rate: Option<u64>,
+    /// Between the end of one scrub pass and the start of the next.
+    pub scrub_interval: Duration,
 }
 
 /// The layer the environment describes; `get` is `std::env::var(..).ok()`
@@ -92,6 +141,12 @@ pub fn env_layer(get: impl Fn(&str) -> Option<String>) -> Layer {
         join: get(ENV_JOIN).map(|v| split_list(&v)),
         down_after: get(ENV_DOWN_AFTER),
         rebuild_rate: get(ENV_REBUILD_RATE),
+        tls_ca: get(ENV_TLS_CA).map(PathBuf::from),
+        tls_cert: get(ENV_TLS_CERT).map(PathBuf::from),
+        tls_key: get(ENV_TLS_KEY).map(PathBuf::from),
+        join_token: get(ENV_JOIN_TOKEN),
+        scrub_rate: get(ENV_SCRUB_RATE),
+        scrub_interval: get(ENV_SCRUB_INTERVAL),
     }
 }
 
@@ -178,7 +233,69 @@ pub fn merge(flags: &Layer, env: &Layer, file: &Layer) -> Result<NodeSettings, S
         }
         None => None,
     };
-    Ok(NodeSettings { data_dirs, listen, advertise, zone, metrics, join, down_after, rebuild_rate })
+    let path = |pick: fn(&Layer) -> Option<&PathBuf>| layers.iter().find_map(|(_, l)| pick(l).cloned());
+    let tls =
+        TlsFiles::from_parts(path(|l| l.tls_ca.as_ref()), path(|l| l.tls_cert.as_ref()), path(|l| l.tls_key.as_ref()))
+            .map_err(|e| match e {
+                ballast_client::TlsError::Incomplete { missing } => incomplete_tls(&missing),
+                other => other.to_string(),
+            })?;
+    let join_token = first(|l| l.join_token.as_ref())
+        .map(|(o, v)| {
+            validate_join_token(v)
+                .map_err(|e| format!("{}: {e}", o.name("join_token", "--join-token", ENV_JOIN_TOKEN)))?;
+            Ok::<_, String>(v.clone())
+        })
+        .transpose()?;
+    let scrub_rate = match first(|l| l.scrub_rate.as_ref()) {
+        Some((o, v)) => {
+            parse_rate(v).map_err(|e| format!("{}: {e}", o.name("scrub_rate", "--scrub-rate", ENV_SCRUB_RATE)))?
+        }
+        None => Some(DEFAULT_SCRUB_RATE),
+    };
+    let scrub_interval = match first(|l| l.scrub_interval.as_ref()) {
+        Some((o, v)) => parse_duration(v)
+            .map_err(|e| format!("{}: {e}", o.name("scrub_interval", "--scrub-interval", ENV_SCRUB_INTERVAL)))?,
+        None => DEFAULT_SCRUB_INTERVAL,
+    };
+    Ok(NodeSettings {
+        data_dirs,
+        listen,
+        advertise,
+        zone,
+        metrics,
+        join,
+        down_after,
+        rebuild_rate,
+        tls,
+        join_token,
+        scrub_rate,
+        scrub_interval,
+    })
+}
+
+/// The one line for a TLS setting given without the other two (`missing`
+/// names `ca`, `cert`, `key`); node and client commands say the same.
+pub fn incomplete_tls(missing: &[&str]) -> String {
+    let names: Vec<String> = missing.iter().map(|m| format!("--tls-{m}")).collect();
+    format!(
+        "TLS needs --tls-ca, --tls-cert and --tls-key together ({ENV_TLS_CA}/CERT/KEY, or tls_ca/tls_cert/tls_key \
+         in --config); missing: {}",
+        names.join(", ")
+    )
+}
+
+/// A join token: 1-1024 characters of `A-Z a-z 0-9 . _ ~ + / = -` (what
+/// `openssl rand -base64 32` or `-hex 32` prints), so it survives shells,
+/// environment files and TOML unquoted mistakes alike.
+pub fn validate_join_token(v: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "._~+/=-".contains(c);
+    if v.is_empty() || v.len() > MAX_JOIN_TOKEN_LEN || !v.chars().all(ok) {
+        return Err(format!(
+            "invalid join token: expected 1-{MAX_JOIN_TOKEN_LEN} characters of A-Z a-z 0-9 . _ ~ + / = -"
+        ));
+    }
+    Ok(())
 }
 
 /// A rate in bytes per second as a size (`200MiB`, `1GiB`); `0` or
@@ -322,6 +439,22 @@ mod tests {
     }
 
     #[test]
+    fn scrub_settings_have_defaults_and_refuse_nonsense() {
+        let dirs = Layer { data_dirs: Some(vec!["/d".into()]), ..Layer::default() };
+        let s = merge(&Layer::default(), &Layer::default(), &dirs).unwrap();
+        assert_eq!((s.scrub_rate, s.scrub_interval), (Some(DEFAULT_SCRUB_RATE), DEFAULT_SCRUB_INTERVAL));
+        let s = merge(&Layer::default(), &env(&[(ENV_SCRUB_RATE, "1MiB"), (ENV_SCRUB_INTERVAL, "2h")]), &dirs).unwrap();
+        assert_eq!((s.scrub_rate, s.scrub_interval), (Some(1 << 20), Duration::from_secs(7200)));
+        let flags = Layer { scrub_rate: Some("unlimited".into()), ..Layer::default() };
+        assert_eq!(merge(&flags, &Layer::default(), &dirs).unwrap().scrub_rate, None);
+        let err = merge(&Layer::default(), &env(&[(ENV_SCRUB_RATE, "slow")]), &dirs).unwrap_err();
+        assert!(err.starts_with("BALLAST_SCRUB_RATE: invalid rate"), "{err}");
+        let file = Layer { scrub_interval: Some("often".into()), ..dirs };
+        let err = merge(&Layer::default(), &Layer::default(), &file).unwrap_err();
+        assert!(err.starts_with("config key scrub_interval: invalid duration"), "{err}");
+    }
+
+    #[test]
     fn down_after_takes_units_and_refuses_nonsense() {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
@@ -344,6 +477,49 @@ mod tests {
         let file = Layer { down_after: Some("soon".into()), ..dirs };
         let err = merge(&Layer::default(), &Layer::default(), &file).unwrap_err();
         assert!(err.starts_with("config key down_after: invalid duration \"soon\""), "{err}");
+    }
+
+    #[test]
+    fn tls_files_come_all_three_or_not_at_all() {
+        let dirs = Layer { data_dirs: Some(vec!["/d".into()]), ..Layer::default() };
+        let none = Layer::default();
+        assert_eq!(merge(&none, &none, &dirs).unwrap().tls, None);
+        // The three may come from different layers.
+        let flags = Layer { tls_ca: Some("/f/ca.crt".into()), ..Layer::default() };
+        let env = env(&[(ENV_TLS_CERT, "/e/node.crt"), (ENV_TLS_KEY, "/e/node.key"), (ENV_TLS_CA, "/e/ca.crt")]);
+        let tls = merge(&flags, &env, &dirs).unwrap().tls.expect("tls");
+        assert_eq!(
+            (tls.ca.to_str(), tls.cert.to_str(), tls.key.to_str()),
+            (Some("/f/ca.crt"), Some("/e/node.crt"), Some("/e/node.key"))
+        );
+        let file = Layer { tls_cert: Some("/c".into()), ..dirs.clone() };
+        let err = merge(&flags, &none, &file).unwrap_err();
+        assert!(err.starts_with("TLS needs --tls-ca, --tls-cert and --tls-key together"), "{err}");
+        assert!(err.ends_with("missing: --tls-key"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        let text =
+            "data_dirs = [\"/a\"]\ntls_ca = \"/ca\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\njoin_token = \"t0k\"\n";
+        let l = parse_file(Path::new("node.toml"), text).unwrap();
+        let s = merge(&none, &none, &l).unwrap();
+        assert_eq!(s.tls.map(|t| t.key), Some(PathBuf::from("/k")));
+        assert_eq!(s.join_token.as_deref(), Some("t0k"));
+    }
+
+    #[test]
+    fn join_tokens_are_checked_and_named_by_origin() {
+        let dirs = Layer { data_dirs: Some(vec!["/d".into()]), ..Layer::default() };
+        let none = Layer::default();
+        assert_eq!(merge(&none, &none, &dirs).unwrap().join_token, None);
+        let s = merge(&none, &env(&[(ENV_JOIN_TOKEN, "s3cret+/=")]), &dirs).unwrap();
+        assert_eq!(s.join_token.as_deref(), Some("s3cret+/="));
+        for bad in ["has space", "(none)", "ü", &"x".repeat(MAX_JOIN_TOKEN_LEN + 1)] {
+            let flags = Layer { join_token: Some(bad.to_string()), ..Layer::default() };
+            let err = merge(&flags, &none, &dirs).unwrap_err();
+            assert!(err.starts_with("--join-token: invalid join token"), "{err}");
+        }
+        let file = Layer { join_token: Some("a b".into()), ..dirs };
+        let err = merge(&none, &none, &file).unwrap_err();
+        assert!(err.starts_with("config key join_token:"), "{err}");
     }
 
     #[test]

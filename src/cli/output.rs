@@ -9,7 +9,8 @@
 use std::collections::BTreeMap;
 
 use ballast_types::{
-    format_size, ClusterStatus, FailureDomain, InitClusterReply, PoolId, PoolInfo, ShardId, ShardStatus, VolumeInfo,
+    format_size, ClusterStatus, FailureDomain, InitClusterReply, PoolId, PoolInfo, ScrubReport, ShardId, ShardStatus,
+    VolumeInfo,
 };
 use serde::Serialize;
 
@@ -40,6 +41,75 @@ pub struct StatusView {
     pub shards: Vec<ShardView>,
     /// Ids of the shards with fewer healthy replicas than their pool asks for.
     pub under_replicated: Vec<u32>,
+    /// Each answering node's scrub figures (its last finished pass).
+    pub scrub: Vec<ScrubView>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy)]
+pub struct ScrubView {
+    pub node: u64,
+    /// Passes finished since the node started.
+    pub passes: u64,
+    pub running: bool,
+    /// When the last pass finished (ms since the Unix epoch); `null`: never.
+    pub last_finished_unix_ms: Option<u64>,
+    pub blocks_checked: u64,
+    pub bytes_checked: u64,
+    /// Blocks that failed their checksum in the last pass.
+    pub corrupt_found: u64,
+    pub repaired: u64,
+    pub unrepaired: u64,
+}
+
+pub fn scrub_view(r: &ScrubReport) -> ScrubView {
+    ScrubView {
+        node: r.node.0,
+        passes: r.passes,
+        running: r.running,
+        last_finished_unix_ms: r.last_finished_unix_ms,
+        blocks_checked: r.blocks_checked,
+        bytes_checked: r.bytes_checked,
+        corrupt_found: r.corrupt_found,
+        repaired: r.repaired,
+        unrepaired: r.unrepaired,
+    }
+}
+
+/// How long ago `unix_ms` was, e.g. `5m ago`; `never` for `None`.
+pub fn age(unix_ms: Option<u64>, now_unix_ms: u64) -> String {
+    let Some(t) = unix_ms else { return "never".into() };
+    let s = now_unix_ms.saturating_sub(t) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86_399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// One row per node: the last scrub pass's figures.
+pub fn scrub_table(rows_in: &[ScrubView], now_unix_ms: u64) -> String {
+    let mut rows = vec![["NODE", "LAST PASS", "PASSES", "CHECKED", "CORRUPT", "REPAIRED", "UNREPAIRED"]
+        .map(String::from)
+        .to_vec()];
+    for v in rows_in {
+        let last = age(v.last_finished_unix_ms, now_unix_ms);
+        rows.push(vec![
+            node_name(v.node),
+            if v.running { format!("{last} (running)") } else { last },
+            v.passes.to_string(),
+            format_size(v.bytes_checked),
+            v.corrupt_found.to_string(),
+            v.repaired.to_string(),
+            v.unrepaired.to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -204,6 +274,7 @@ pub fn status_view(s: &ClusterStatus) -> StatusView {
         under_replicated: shards.iter().filter(|s| s.under_replicated).map(|s| s.id).collect(),
         nodes,
         shards,
+        scrub: s.scrub.iter().map(scrub_view).collect(),
     }
 }
 
@@ -309,6 +380,10 @@ pub fn status_table(s: &StatusView) -> String {
         }
         out.push_str(&table(&rows));
     }
+    if !s.scrub.is_empty() {
+        out.push_str("\nscrub (last finished pass per node):\n");
+        out.push_str(&scrub_table(&s.scrub, now_unix_ms()));
+    }
     out
 }
 
@@ -408,6 +483,7 @@ mod tests {
                 shard(2, &[1, 2], Some(1), true),
             ],
             volume_io: vec![],
+            scrub: vec![],
         }
     }
 

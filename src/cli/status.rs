@@ -59,6 +59,9 @@ pub struct HealthView {
     /// Shards that are not healthy (all of them are in `cluster status`).
     pub shards: Vec<ShardView>,
     pub volumes: Vec<VolumeRate>,
+    /// Rebuild speed per shard being rebuilt (snapshot bytes per second
+    /// between the two samples), by shard id.
+    pub rebuild_bytes_per_sec: BTreeMap<u32, f64>,
     /// Seconds between the two samples the rates come from.
     pub interval_secs: f64,
 }
@@ -197,10 +200,46 @@ fn health_view(now: &Sample, before: &Sample) -> HealthView {
         })
         .collect();
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
-    summarize(status, volumes, secs)
+    let rebuilds = rebuild_rates(&now.status, &before.status, secs);
+    summarize(status, volumes, secs, rebuilds)
 }
 
-fn summarize(status: StatusView, volumes: Vec<VolumeRate>, secs: f64) -> HealthView {
+/// Bytes per second each rebuilding shard's copy advanced from `before` to
+/// `now` (0 when it was not rebuilding before, or went backwards: a new
+/// stream started).
+pub(crate) fn rebuild_rates(now: &ClusterStatus, before: &ClusterStatus, secs: f64) -> BTreeMap<u32, f64> {
+    let before: BTreeMap<u32, u64> =
+        before.shards.iter().filter_map(|s| s.rebuilding.map(|r| (s.shard.id.0, r.done_bytes))).collect();
+    now.shards
+        .iter()
+        .filter_map(|s| {
+            let r = s.rebuilding?;
+            let rate = match before.get(&s.shard.id.0) {
+                Some(b) if secs > 0.0 => r.done_bytes.saturating_sub(*b) as f64 / secs,
+                _ => 0.0,
+            };
+            Some((s.shard.id.0, rate))
+        })
+        .collect()
+}
+
+/// How far a shard's rebuild has come, for a line or a cell: bytes with the
+/// rate when known, "catching up" while a new replica replays the log only.
+fn rebuild_cell(sh: &ShardView, rates: &BTreeMap<u32, f64>) -> Option<String> {
+    match sh.rebuilding {
+        Some(r) => {
+            let mut cell = rebuild_progress(r.done_bytes, r.total_bytes);
+            if let Some(bps) = rates.get(&sh.id).filter(|b| **b > 0.0) {
+                cell.push_str(&format!(" at {}", rate(*bps)));
+            }
+            Some(cell)
+        }
+        None if sh.state == "rebuilding" => Some("catching up from the log".to_string()),
+        None => None,
+    }
+}
+
+fn summarize(status: StatusView, volumes: Vec<VolumeRate>, secs: f64, rebuilds: BTreeMap<u32, f64>) -> HealthView {
     let mut counts = ShardCounts { total: status.shards.len(), ..ShardCounts::default() };
     for sh in &status.shards {
         match sh.state {
@@ -226,8 +265,10 @@ fn summarize(status: StatusView, volumes: Vec<VolumeRate>, secs: f64) -> HealthV
     for sh in status.shards.iter().filter(|s| s.state != "healthy") {
         let up = sh.voters.iter().filter(|v| status.nodes.iter().any(|n| n.id == **v && n.up)).count();
         let mut line = format!("shard-{} is {}: {up} of {} replicas up", sh.id, sh.state, sh.voters.len());
-        if let Some(r) = sh.rebuilding {
-            line.push_str(&format!(", rebuild {}", rebuild_progress(r.done_bytes, r.total_bytes)));
+        match (sh.rebuilding, rebuild_cell(sh, &rebuilds)) {
+            (Some(_), Some(cell)) => line.push_str(&format!(", rebuild {cell}")),
+            (None, Some(cell)) => line.push_str(&format!(", {cell}")),
+            _ => {}
         }
         problems.push(line);
     }
@@ -251,6 +292,7 @@ fn summarize(status: StatusView, volumes: Vec<VolumeRate>, secs: f64) -> HealthV
         shards: status.shards.into_iter().filter(|s| s.state != "healthy").collect(),
         nodes: status.nodes,
         volumes,
+        rebuild_bytes_per_sec: rebuilds,
         interval_secs: secs,
     }
 }
@@ -336,7 +378,7 @@ pub fn health_table(v: &HealthView) -> String {
                 sh.state.to_string(),
                 sh.voters.iter().map(|n| node_name(*n)).collect::<Vec<_>>().join(","),
                 sh.leader.map_or_else(|| "none".into(), node_name),
-                sh.rebuilding.map_or_else(|| "-".into(), |r| rebuild_progress(r.done_bytes, r.total_bytes)),
+                rebuild_cell(sh, &v.rebuild_bytes_per_sec).unwrap_or_else(|| "-".into()),
             ]);
         }
         out.push_str(&output::table(&rows));
@@ -400,6 +442,7 @@ mod tests {
                 nodes: vec![node(1, true), node(2, true), node(3, true)],
                 shards: vec![],
                 volume_io,
+                scrub: vec![],
             },
             volumes: vec![volume(2, "logs"), volume(1, "db")],
         }
@@ -471,8 +514,9 @@ mod tests {
                 shard_view(2, &[1], "healthy", None),
             ],
             under_replicated: vec![0, 1],
+            scrub: vec![],
         };
-        let v = summarize(status, vec![], 1.0);
+        let v = summarize(status, vec![], 1.0, BTreeMap::new());
         assert_eq!(v.health, "unavailable");
         assert_eq!(v.shard_states, ShardCounts { total: 3, healthy: 1, degraded: 0, rebuilding: 1, unavailable: 1 });
         assert!(v.problems.contains(&"node-2 (10.0.0.2:7100) is down".to_string()), "{:?}", v.problems);
@@ -500,8 +544,35 @@ mod tests {
             nodes: vec![node_view(1, true, 0), node_view(2, true, 0), node_view(3, false, 0)],
             shards: vec![shard_view(0, &[1, 2, 3], "degraded", None)],
             under_replicated: vec![0],
+            scrub: vec![],
         };
-        let v = summarize(status, vec![], 1.0);
+        let v = summarize(status, vec![], 1.0, BTreeMap::new());
         assert_eq!((v.health, v.shard_states.degraded), ("degraded", 1));
+    }
+
+    #[test]
+    fn rebuilds_show_their_rate_or_that_they_replay_the_log() {
+        let rebuild = |done| Some(RebuildView { done_bytes: done, total_bytes: 4 << 30 });
+        let status = |done| StatusView {
+            cluster: 7,
+            protocol_version: 1,
+            map_version: 3,
+            meta_leader: Some(1),
+            nodes: vec![node_view(1, true, 0), node_view(2, true, 0), node_view(3, true, 0)],
+            shards: vec![
+                shard_view(0, &[1, 2, 3], "rebuilding", rebuild(done)),
+                shard_view(1, &[1, 2, 3], "rebuilding", None),
+            ],
+            under_replicated: vec![],
+            scrub: vec![],
+        };
+        let v = summarize(status(1 << 30), vec![], 2.0, BTreeMap::from([(0, 8.0 * 1048576.0)]));
+        let line = "shard-0 is rebuilding: 3 of 3 replicas up, rebuild 25% (1 GiB of 4 GiB) at 8 MiB/s";
+        assert!(v.problems.contains(&line.to_string()), "{:?}", v.problems);
+        let line = "shard-1 is rebuilding: 3 of 3 replicas up, catching up from the log";
+        assert!(v.problems.contains(&line.to_string()), "{:?}", v.problems);
+        let t = health_table(&v);
+        assert!(t.lines().any(|l| l.starts_with("shard-0 ") && l.ends_with("at 8 MiB/s")), "{t}");
+        assert!(t.lines().any(|l| l.starts_with("shard-1 ") && l.ends_with("catching up from the log")), "{t}");
     }
 }

@@ -15,6 +15,8 @@ pub struct NodeProc {
     pub dir: PathBuf,
     pub addr: String,
     pub log: PathBuf,
+    /// More `ballast node` arguments, appended at every start.
+    pub extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -23,7 +25,13 @@ impl NodeProc {
     pub fn new(root: &Path, i: usize) -> Self {
         let dir = root.join(format!("node{i}"));
         std::fs::create_dir_all(&dir).expect("data dir");
-        Self { addr: format!("127.0.0.1:{}", free_port()), log: root.join(format!("node{i}.log")), dir, child: None }
+        Self {
+            addr: format!("127.0.0.1:{}", free_port()),
+            log: root.join(format!("node{i}.log")),
+            dir,
+            extra: Vec::new(),
+            child: None,
+        }
     }
 
     /// [`new`](Self::new), then [`start`](Self::start).
@@ -41,6 +49,7 @@ impl NodeProc {
         let child = Command::new(BIN)
             .args(["node", "--listen", &self.addr, "--advertise", &self.addr, "--data-dir"])
             .arg(&self.dir)
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -55,6 +64,20 @@ impl NodeProc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGTERM, then wait for the process to exit (a clean shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process runs (was started and not stopped or killed).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// The last `n` lines of its log.

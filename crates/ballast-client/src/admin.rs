@@ -11,12 +11,12 @@ use ballast_proto::{code_from_grpc, pb, ConvertError, ProtoError};
 use ballast_types::{
     validate_addr, validate_name, ApiError, AttachVolume, Attachment, ClusterStatus, CreateVolume, DetachVolume,
     ErrorCode, InitCluster, InitClusterReply, JoinNode, JoinNodeReply, MapVersion, NodeId, PlacementReply, PoolInfo,
-    PoolSpec, ResizeVolume, Retryable, ValidationError, VolumeInfo,
+    PoolSpec, ResizeVolume, Retryable, ScrubReport, ValidationError, VolumeInfo,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
-use crate::{Backoff, ClientConfig, ClientError};
+use crate::{Backoff, ClientConfig, ClientError, TlsConfig};
 
 /// A client of the cluster's Admin service. Every node serves Admin and
 /// forwards to the meta leader, so any node will do: give a few.
@@ -59,6 +59,9 @@ struct Inner {
     targets: Vec<Endpoint>,
     channels: Vec<OnceLock<PbAdmin<Channel>>>,
     config: ClientConfig,
+    /// Mutual TLS towards every endpoint (and the Data channels of
+    /// [`crate::ClusterExports`] built on this client); `None`: plain.
+    tls: Option<TlsConfig>,
     /// Index of the endpoint that last answered.
     current: AtomicUsize,
 }
@@ -117,20 +120,33 @@ impl AdminClient {
     /// Connects nothing yet: a node that is down costs time only when a call
     /// gets to it.
     pub fn new(endpoints: Vec<String>, config: ClientConfig) -> Result<Self, ClientError> {
+        Self::with_tls(endpoints, config, None)
+    }
+
+    /// [`AdminClient::new`] over mutual TLS (`None`: plain HTTP/2). A TLS
+    /// failure is never retried: the call fails at once with
+    /// [`ClientError::Tls`] naming the endpoint and the problem.
+    pub fn with_tls(endpoints: Vec<String>, config: ClientConfig, tls: Option<TlsConfig>) -> Result<Self, ClientError> {
         if endpoints.is_empty() {
             return Err(ClientError::Invalid("at least one endpoint is needed".into()));
         }
         let mut targets = Vec::with_capacity(endpoints.len());
         for e in &endpoints {
             validate_addr(e).map_err(|err| invalid("endpoint", err))?;
-            let target = Endpoint::from_shared(format!("http://{e}"))
+            let target = ballast_proto::tls::endpoint(e, tls.as_ref())
                 .map_err(|err| ClientError::Invalid(format!("endpoint {e:?}: {err}")))?
                 .connect_timeout(config.connect_timeout)
                 .tcp_nodelay(true);
             targets.push(target);
         }
         let channels = endpoints.iter().map(|_| OnceLock::new()).collect();
-        Ok(Self { inner: Arc::new(Inner { endpoints, targets, channels, config, current: AtomicUsize::new(0) }) })
+        let inner = Inner { endpoints, targets, channels, config, tls, current: AtomicUsize::new(0) };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The TLS settings the client was made with.
+    pub fn tls(&self) -> Option<&TlsConfig> {
+        self.inner.tls.as_ref()
     }
 
     /// The endpoints as given to [`AdminClient::new`].
@@ -163,6 +179,14 @@ impl AdminClient {
 
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
         self.decoded("cluster status", |mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await }).await
+    }
+
+    /// Start a scrub pass now on every node that is up; returns each node's
+    /// report as of the start (its `passes` tell when the new one is done:
+    /// watch [`AdminClient::status`]). Idempotent: a node already scrubbing
+    /// keeps its pass.
+    pub async fn scrub(&self) -> Result<Vec<ScrubReport>, ClientError> {
+        self.decoded("scrub", |mut c| async move { c.scrub(pb::ScrubRequest { cluster_id: 0 }).await }).await
     }
 
     /// Not idempotent: see the type's documentation.
@@ -305,6 +329,9 @@ impl AdminClient {
         let deadline = Instant::now() + cfg.request_deadline;
         let mut backoff = Backoff::new(&cfg);
         let mut last = String::from("no attempt");
+        // A plain connection closed under us: a node that requires TLS, or
+        // one that died mid-call. Only a second one in a row is taken as TLS.
+        let mut closed = 0u32;
         for at in rotation(inner.current.load(Ordering::Relaxed), inner.endpoints.len()) {
             let now = Instant::now();
             if now >= deadline {
@@ -317,7 +344,14 @@ impl AdminClient {
                     inner.current.store(at, Ordering::Relaxed);
                     return Ok((addr.clone(), reply.into_inner()));
                 }
-                Ok(Err(status)) => ProtoError::from(status),
+                Ok(Err(status)) => {
+                    match ballast_proto::tls::connect_failure(&status, inner.tls.is_some()) {
+                        Some(ballast_proto::tls::ConnectFailure::PlainRefused) if closed == 0 => closed += 1,
+                        Some(f) => return Err(ClientError::Tls(f.at(addr))),
+                        None => closed = 0,
+                    }
+                    ProtoError::from(status)
+                }
                 Err(_) => ProtoError::Api(ApiError::new(ErrorCode::Timeout, format!("no answer in {timeout:?}"))),
             };
             last = format!("{addr}: {err}");

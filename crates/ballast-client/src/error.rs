@@ -23,6 +23,11 @@ pub enum ClientError {
     /// name); nothing was sent. Never retryable.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A TLS handshake failed ("TLS handshake with ADDR failed: certificate
+    /// signed by unknown authority"), or one side speaks TLS and the other
+    /// does not. Never retryable: the certificates or flags must change.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl Retryable for ClientError {
@@ -30,7 +35,7 @@ impl Retryable for ClientError {
         match self {
             Self::Api(e) => e.code.is_retryable(),
             Self::Unreachable(_) => true,
-            Self::Invalid(_) => false,
+            Self::Invalid(_) | Self::Tls(_) => false,
         }
     }
 }
@@ -48,6 +53,7 @@ impl From<ClientError> for DeviceError {
             ClientError::Api(e) => crate::volume::device_error(&e),
             ClientError::Unreachable(m) => DeviceError::new(DeviceErrorKind::Io, format!("cluster unreachable: {m}")),
             ClientError::Invalid(m) => DeviceError::new(DeviceErrorKind::Invalid, m),
+            ClientError::Tls(m) => DeviceError::new(DeviceErrorKind::Io, m),
         }
     }
 }

@@ -88,10 +88,11 @@ impl ClusterExports {
         tracing::info!(volume = name, epoch = %attachment.epoch, read_only, "attached");
         let held = Held { attachment, read_only };
         let cell = Arc::new(OnceCell::new_with(Some(held)));
+        let pool = ClientPool::with_tls(config, admin.tls().cloned());
         Ok(Arc::new(Self {
             admin,
             placement,
-            pool: ClientPool::new(config),
+            pool,
             mode: Mode::One { name: name.to_owned() },
             held: Mutex::new(HashMap::from([(name.to_owned(), cell)])),
             closed: AtomicBool::new(false),
@@ -102,10 +103,11 @@ impl ClusterExports {
     /// on first open and stays attached until [`ClusterExports::detach_all`].
     pub async fn gateway(admin: AdminClient, config: ClientConfig) -> Result<Arc<Self>, ClientError> {
         let placement = MapPlacement::connect(admin.clone()).await?;
+        let pool = ClientPool::with_tls(config, admin.tls().cloned());
         Ok(Arc::new(Self {
             admin,
             placement,
-            pool: ClientPool::new(config),
+            pool,
             mode: Mode::Gateway,
             held: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),

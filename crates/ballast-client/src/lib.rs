@@ -42,6 +42,8 @@ pub mod metrics;
 mod volume;
 
 pub use admin::AdminClient;
+/// TLS settings, re-exported so users of this crate need not name the RPC crate.
+pub use ballast_proto::tls::{TlsConfig, TlsError, TlsFiles};
 pub use error::ClientError;
 pub use exports::ClusterExports;
 pub use map::MapPlacement;

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use ballast_nbd::{BlockDevice, DeviceError, DeviceErrorKind, ExportProvider, Extent, ReadSegment};
 use ballast_proto::pb::data_client::DataClient;
+use ballast_proto::tls::ConnectFailure;
 use ballast_proto::{pb, ProtoError, Reply};
 use ballast_types::{
     validate_extents, ApiError, Epoch, ErrorCode, Geometry, RangeRequest, Retryable, SegmentBody, ShardId, VolumeId,
@@ -17,15 +18,17 @@ use ballast_types::{
 };
 use bytes::Bytes;
 use futures::future::try_join_all;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::metrics::Retry;
-use crate::{Backoff, ClientConfig, Placement};
+use crate::{Backoff, ClientConfig, Placement, TlsConfig};
 
 /// One lazily connected tonic channel per node address and the last known
 /// leader of every shard, shared by all volumes of a process.
 pub struct ClientPool {
     config: ClientConfig,
+    /// Mutual TLS towards every node; `None`: plain HTTP/2.
+    tls: Option<TlsConfig>,
     channels: Mutex<HashMap<String, DataClient<Channel>>>,
     leaders: Mutex<HashMap<ShardId, String>>,
     next: AtomicUsize,
@@ -33,8 +36,15 @@ pub struct ClientPool {
 
 impl ClientPool {
     pub fn new(config: ClientConfig) -> Arc<Self> {
+        Self::with_tls(config, None)
+    }
+
+    /// [`ClientPool::new`] over mutual TLS (`None`: plain HTTP/2). A TLS
+    /// failure fails the device call at once, never retried.
+    pub fn with_tls(config: ClientConfig, tls: Option<TlsConfig>) -> Arc<Self> {
         Arc::new(Self {
             config,
+            tls,
             channels: Mutex::new(HashMap::new()),
             leaders: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
@@ -52,8 +62,8 @@ impl ClientPool {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| DeviceError::new(DeviceErrorKind::Io, format!("bad node address {addr:?}: {e}")))?
+        let ep = ballast_proto::tls::endpoint(addr, self.tls.as_ref())
+            .map_err(|e| DeviceError::new(DeviceErrorKind::Io, e.to_string()))?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true);
         let client = DataClient::new(ep.connect_lazy())
@@ -157,6 +167,9 @@ impl RemoteVolume {
         let mut hops = 0u32;
         let mut first = true;
         let mut last = String::from("no attempt");
+        // A plain connection closed under us: a node that requires TLS, or
+        // one that died mid-call. Only a second one in a row is taken as TLS.
+        let mut closed = 0u32;
         loop {
             let addr = match self.pool.leader(shard) {
                 Some(a) => a,
@@ -202,6 +215,16 @@ impl RemoteVolume {
                 }
             };
             last = format!("{addr}: {err}");
+            if let ProtoError::Transport(s) = &err {
+                match ballast_proto::tls::connect_failure(s, self.pool.tls.is_some()) {
+                    Some(ConnectFailure::PlainRefused) if closed == 0 => closed += 1,
+                    Some(f) => {
+                        m.failures.inc();
+                        return Err(DeviceError::new(DeviceErrorKind::Io, f.at(&addr)));
+                    }
+                    None => closed = 0,
+                }
+            }
             match &err {
                 ProtoError::Api(e) if e.code == ErrorCode::NotLeader => {
                     match e.leader_hint.as_ref().filter(|h| !h.addr.is_empty() && h.addr != addr) {

@@ -32,7 +32,8 @@ use ballast_storage::RocksStore;
 use ballast_types::{
     ApiError, AttachVolume, ClusterId, ClusterStatus, CreateVolume, DetachVolume, ErrorCode, InitCluster,
     InitClusterReply, JoinNode, JoinNodeReply, MapVersion, NodeAddr, NodeId, NodeInfo, NodeStats, PlacementReply,
-    PoolInfo, PoolSpec, ResizeVolume, ShardStatus, VolumeId, VolumeInfo, VolumeIo, PROTOCOL_VERSION,
+    PoolInfo, PoolSpec, RebuildProgress, RebuildStream, ResizeVolume, ScrubReport, ShardStatus, VolumeId, VolumeInfo,
+    VolumeIo, PROTOCOL_VERSION,
 };
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
@@ -73,6 +74,28 @@ fn unavailable(msg: impl Into<String>) -> ApiError {
 
 fn internal(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::Internal, msg)
+}
+
+/// `Ok` when this node has no join token, or `presented` is the same one.
+/// The token gates who may join (or be made a member by `cluster init`);
+/// TLS, when configured, gates every call.
+fn check_join_token(configured: Option<&str>, presented: &str) -> Result<(), ApiError> {
+    match configured {
+        Some(token) if !tokens_match(token.as_bytes(), presented.as_bytes()) => {
+            Err(ApiError::new(ErrorCode::Unauthenticated, "join token missing or wrong"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Equality whose time depends only on the lengths, never on where the
+/// first differing byte is.
+fn tokens_match(expected: &[u8], presented: &[u8]) -> bool {
+    let mut diff = u8::from(expected.len() != presented.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= e ^ presented.get(i).copied().unwrap_or(0);
+    }
+    std::hint::black_box(diff) == 0
 }
 
 /// Run `$local` on the meta leader, or forward the call to it.
@@ -118,6 +141,17 @@ async fn read_map(meta: &MetaGroup<RocksStore>) -> Result<ClusterMap, ApiError> 
         return Err(unavailable("the cluster is not initialized: run `ballast cluster init`"));
     }
     Ok(map)
+}
+
+/// A node's figures and the replicas its shard leaders are building.
+/// A node's figures, the replicas it is building, and the shards it leads.
+type StatsAndRebuilds = (NodeStats, Vec<RebuildStream>, Vec<u32>);
+
+/// A `NodeStatsReply` as the node's figures and the replicas it is building.
+fn split_stats(m: pb::NodeStatsReply) -> Result<StatsAndRebuilds, ballast_proto::ConvertError> {
+    let streams = m.rebuilds.iter().cloned().map(RebuildStream::try_from).collect::<Result<Vec<_>, _>>()?;
+    let leading = m.leading.clone();
+    Ok((NodeStats::try_from(m)?, streams, leading))
 }
 
 fn volume_of(outcome: MetaOutcome) -> Result<VolumeInfo, ApiError> {
@@ -285,7 +319,12 @@ impl AdminService {
         members: Vec<pb::NodeAddr>,
         deadline: Instant,
     ) -> Result<NodeInfo, ApiError> {
-        let req = pb::AssignIdentityRequest { cluster_id: cluster.0, node_id: member.id, meta_members: members };
+        let req = pb::AssignIdentityRequest {
+            cluster_id: cluster.0,
+            node_id: member.id,
+            meta_members: members,
+            join_token: self.inner.config.join_token.clone().unwrap_or_else(|| crate::node::NO_JOIN_TOKEN.into()),
+        };
         let local = self.inner.local_addr.to_string();
         if member.addr == self.inner.advertise || member.addr == local {
             return self.assign(req).await;
@@ -330,19 +369,43 @@ impl AdminService {
         let me = self.inner.id();
         let probes = map.nodes.values().map(|n| async move {
             if n.id == me {
-                return (n.id, (true, Some(self.local_stats())));
+                let mine = (
+                    self.local_stats(),
+                    crate::repair::rebuild_streams(&self.inner),
+                    crate::repair::leading(&self.inner),
+                );
+                return (n.id, (true, Some(mine)));
             }
             (
                 n.id,
                 tokio::join!(crate::repair::probe(&self.inner, cluster, &n.addr), self.remote_stats(cluster, &n.addr)),
             )
         });
-        let answers: BTreeMap<u64, (bool, Option<NodeStats>)> =
+        let answers: BTreeMap<u64, (bool, Option<StatsAndRebuilds>)> =
             futures::future::join_all(probes).await.into_iter().collect();
+        // Snapshot progress of each shard's replicas being built, as their
+        // leaders report it (log replay alone shows no bytes).
+        let mut rebuilding: BTreeMap<u32, RebuildProgress> = BTreeMap::new();
+        for (_, streams, _) in answers.values().filter_map(|(_, s)| s.as_ref()) {
+            for r in streams.iter().filter(|r| r.snapshot) {
+                let joining = map.shards.get(&r.shard.0).is_some_and(|s| s.joining.contains(&r.target.0));
+                if joining {
+                    let p = rebuilding.entry(r.shard.0).or_default();
+                    p.done_bytes = p.done_bytes.saturating_add(r.progress.done_bytes);
+                    p.total_bytes = p.total_bytes.saturating_add(r.progress.total_bytes);
+                }
+            }
+        }
         let up: BTreeMap<u64, bool> = answers.iter().map(|(id, (up, _))| (*id, *up)).collect();
+        let mut leaders: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for (id, (_, s)) in &answers {
+            for shard in s.iter().flat_map(|(_, _, leading)| leading) {
+                leaders.entry(*shard).or_default().push(*id);
+            }
+        }
         let mut volume_io: BTreeMap<VolumeId, VolumeIo> =
             map.volumes.keys().map(|v| (VolumeId(*v), VolumeIo::new(VolumeId(*v)))).collect();
-        for stats in answers.values().filter_map(|(_, s)| s.as_ref()) {
+        for (stats, _, _) in answers.values().filter_map(|(_, s)| s.as_ref()) {
             for io in &stats.volumes {
                 if let Some(sum) = volume_io.get_mut(&io.volume) {
                     sum.add(io);
@@ -354,7 +417,8 @@ impl AdminService {
             .values()
             .map(|n| {
                 let mut info = n.info();
-                let (up, stats) = answers.get(&n.id).map_or((false, None), |(u, s)| (*u, s.as_ref()));
+                let (up, stats) =
+                    answers.get(&n.id).map_or((false, None), |(u, s)| (*u, s.as_ref().map(|(s, _, _)| s)));
                 info.up = up;
                 // Disk use as the node sees it now; the map's figures are as of its join.
                 if let Some(s) = stats.filter(|s| !s.disks.is_empty()) {
@@ -370,8 +434,13 @@ impl AdminService {
                 let replicas = map.pools.get(&s.pool).map_or(0, |p| p.spec.replicas as usize);
                 // Joining voters are being built: not a copy yet.
                 let live = s.settled().filter(|v| up.get(v).copied().unwrap_or(false)).count();
-                // `rebuilding` stays None until re-replication reports its progress here.
-                ShardStatus { shard: s.info(), under_replicated: live < replicas.max(s.voters.len()), rebuilding: None }
+                let under_replicated = live < replicas.max(s.voters.len());
+                let mut shard = s.info();
+                // Who leads now, as the voters answered; the map's hint otherwise.
+                if let Some(l) = s.voters.iter().find(|v| leaders.get(&s.id).is_some_and(|ls| ls.contains(v))) {
+                    shard.leader = Some(NodeId(*l));
+                }
+                ShardStatus { shard, under_replicated, rebuilding: rebuilding.get(&s.id).copied() }
             })
             .collect();
         Ok(ClusterStatus {
@@ -382,20 +451,60 @@ impl AdminService {
             nodes,
             shards,
             volume_io: volume_io.into_values().collect(),
+            scrub: answers.values().filter_map(|(_, s)| s.as_ref().and_then(|(s, _, _)| s.scrub)).collect(),
         })
     }
 
     /// This node's live figures (`NodeStats`).
     fn local_stats(&self) -> NodeStats {
-        NodeStats { node: NodeId(self.inner.id()), disks: self.inner.disk_infos(), volumes: self.inner.io.snapshot() }
+        let node = NodeId(self.inner.id());
+        NodeStats {
+            node,
+            disks: self.inner.disk_infos(),
+            volumes: self.inner.io.snapshot(),
+            scrub: Some(self.inner.scrub.report(node)),
+        }
     }
 
-    /// The live figures of the node at `addr`, if it answers in time.
-    async fn remote_stats(&self, cluster: ClusterId, addr: &str) -> Option<NodeStats> {
+    /// On the meta leader: start a scrub pass on every node that answers
+    /// (`ScrubNode`); their reports as of the start.
+    async fn scrub_all(&self, meta: &MetaGroup<RocksStore>) -> Result<Vec<ScrubReport>, ApiError> {
+        let map = read_map(meta).await?;
+        let cluster = ClusterId(map.cluster_id);
+        let me = self.inner.id();
+        let asks = map.nodes.values().map(|n| async move {
+            if n.id == me {
+                return Some(self.inner.scrub.start_now(NodeId(me)));
+            }
+            let mut client = self.client(&n.addr).ok()?;
+            let call = client.scrub_node(pb::ScrubRequest { cluster_id: cluster.0 });
+            match tokio::time::timeout(PROBE_TIMEOUT, call).await {
+                Ok(Ok(r)) => match Vec::<ScrubReport>::try_from(r.into_inner()) {
+                    Ok(v) => v.into_iter().next(),
+                    Err(e) => {
+                        tracing::warn!(addr = %n.addr, "malformed scrub reply: {e}");
+                        None
+                    }
+                },
+                Ok(Err(e)) => {
+                    tracing::info!(addr = %n.addr, "scrub not started there: {}", e.message());
+                    None
+                }
+                Err(_) => None,
+            }
+        });
+        let reports: Vec<ScrubReport> = futures::future::join_all(asks).await.into_iter().flatten().collect();
+        tracing::info!(nodes = reports.len(), "scrub pass requested");
+        Ok(reports)
+    }
+
+    /// The live figures of the node at `addr`, with the replicas its shard
+    /// leaders are building, if it answers in time.
+    async fn remote_stats(&self, cluster: ClusterId, addr: &str) -> Option<StatsAndRebuilds> {
         let mut client = self.client(addr).ok()?;
         let call = client.node_stats(pb::NodeStatsRequest { cluster_id: cluster.0 });
         match tokio::time::timeout(PROBE_TIMEOUT, call).await {
-            Ok(Ok(r)) => match NodeStats::try_from(r.into_inner()) {
+            Ok(Ok(r)) => match split_stats(r.into_inner()) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     tracing::warn!(%addr, "malformed node stats: {e}");
@@ -443,12 +552,21 @@ impl Admin for AdminService {
     }
 
     async fn assign_identity(&self, request: Request<pb::AssignIdentityRequest>) -> Result<Response<pb::Node>, Status> {
-        self.assign(request.into_inner()).await.map(|n| Response::new(n.into())).map_err(|e| status_from_api_error(&e))
+        let msg = request.into_inner();
+        if let Err(e) = check_join_token(self.inner.config.join_token.as_deref(), &msg.join_token) {
+            tracing::warn!("cluster init refused: {e}");
+            return Err(status_from_api_error(&e));
+        }
+        self.assign(msg).await.map(|n| Response::new(n.into())).map_err(|e| status_from_api_error(&e))
     }
 
     async fn join_node(&self, request: Request<pb::JoinNodeRequest>) -> Result<Response<pb::JoinNodeReply>, Status> {
         leader_call!(self, request, join_node, |meta, msg| async move {
             let j = JoinNode::try_from(msg).map_err(ApiError::from)?;
+            if let Err(e) = check_join_token(self.inner.config.join_token.as_deref(), &j.token) {
+                tracing::warn!(addr = %j.addr, "join refused: {e}");
+                return Err(e);
+            }
             self.join(&meta, j).await.map(pb::JoinNodeReply::from)
         })
     }
@@ -567,7 +685,10 @@ impl Admin for AdminService {
             if meta.group().membership().voters.contains(&msg.node_id) {
                 return Err(ApiError::new(
                     ErrorCode::Conflict,
-                    format!("{} is a member of the meta group, which cannot change yet", NodeId(msg.node_id)),
+                    format!(
+                        "{} is a voter of the meta group: it can be removed once it is down and replaced",
+                        NodeId(msg.node_id)
+                    ),
                 ));
             }
             propose(&meta, MetaCommand::RemoveNode { node: msg.node_id }).await?;
@@ -586,6 +707,28 @@ impl Admin for AdminService {
         })
     }
 
+    async fn scrub(&self, request: Request<pb::ScrubRequest>) -> Result<Response<pb::ScrubReply>, Status> {
+        leader_call!(
+            self,
+            request,
+            scrub,
+            |meta, _msg| async move { self.scrub_all(&meta).await.map(pb::ScrubReply::from) }
+        )
+    }
+
+    /// Answered by this node itself: start a pass here, never forwarded.
+    async fn scrub_node(&self, request: Request<pb::ScrubRequest>) -> Result<Response<pb::ScrubReply>, Status> {
+        let asked = ClusterId(request.into_inner().cluster_id);
+        match self.inner.identity.get() {
+            None => Err(status_from_api_error(&unavailable("this node is not part of a cluster yet"))),
+            Some(id) if id.cluster != asked => Err(status_from_api_error(&ApiError::new(
+                ErrorCode::Conflict,
+                format!("this node belongs to {}, not {asked}", id.cluster),
+            ))),
+            Some(id) => Ok(Response::new(pb::ScrubReply::from(vec![self.inner.scrub.start_now(id.node)]))),
+        }
+    }
+
     /// Answered by this node itself: its own figures, never forwarded.
     async fn node_stats(&self, request: Request<pb::NodeStatsRequest>) -> Result<Response<pb::NodeStatsReply>, Status> {
         let asked = ClusterId(request.into_inner().cluster_id);
@@ -595,7 +738,37 @@ impl Admin for AdminService {
                 ErrorCode::Conflict,
                 format!("this node belongs to {}, not {asked}", id.cluster),
             ))),
-            Some(_) => Ok(Response::new(self.local_stats().into())),
+            Some(_) => {
+                let mut reply = pb::NodeStatsReply::from(self.local_stats());
+                reply.rebuilds = crate::repair::rebuild_streams(&self.inner).into_iter().map(Into::into).collect();
+                reply.leading = crate::repair::leading(&self.inner);
+                Ok(Response::new(reply))
+            }
+        }
+    }
+
+    /// Answered by this node itself (meta member replacement), never forwarded.
+    async fn join_meta(&self, request: Request<pb::JoinMetaRequest>) -> Result<Response<pb::Empty>, Status> {
+        match crate::repair::join_meta(&self.inner, request.into_inner()).await {
+            Ok(()) => Ok(Response::new(pb::Empty {})),
+            Err(e) => {
+                log_refusal("join meta", &e);
+                Err(status_from_api_error(&e))
+            }
+        }
+    }
+
+    /// Answered by this node itself (leader balancing), never forwarded.
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        match crate::repair::transfer_leader(&self.inner, request.into_inner()).await {
+            Ok(()) => Ok(Response::new(pb::Empty {})),
+            Err(e) => {
+                log_refusal("transfer leader", &e);
+                Err(status_from_api_error(&e))
+            }
         }
     }
 
@@ -609,5 +782,24 @@ impl Admin for AdminService {
             let placement = (have.0 != map.version).then(|| map.placement());
             Ok(pb::GetPlacementReply::from(PlacementReply { cluster: ClusterId(map.cluster_id), map: placement }))
         })
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn a_configured_join_token_must_be_presented_exactly() {
+        assert!(check_join_token(None, "anything").is_ok());
+        assert!(check_join_token(Some("s3cret"), "s3cret").is_ok());
+        for wrong in ["", "s3cre", "s3cret!", "S3cret", crate::node::NO_JOIN_TOKEN] {
+            let e = check_join_token(Some("s3cret"), wrong).expect_err(wrong);
+            assert_eq!(e.code, ErrorCode::Unauthenticated);
+            assert_eq!(e.message, "join token missing or wrong");
+        }
+        assert!(tokens_match(b"", b""));
+        assert!(!tokens_match(b"", b"a"));
+        assert!(!tokens_match(b"ab", b"a"));
     }
 }

@@ -16,21 +16,25 @@
 //! logged with the same ids. Successful requests are counted per volume in
 //! [`VolumeIoCounters`], which `NodeStats` reports to `ballast status`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use ballast_proto::pb;
 use ballast_proto::pb::data_server::Data;
+use ballast_raft::shard::RangeRead;
+use ballast_raft::types::{BlockRef, RepairCause};
 use ballast_raft::{ShardError, ShardRequest, ShardResponse};
 use ballast_storage::{BlockStore, Segment, StorageError};
 use ballast_types::{
     shard_index, ApiError, ClusterId, ErrorCode, Extent, Geometry, GroupId, LeaderHint, NodeId, PlacementMap,
     RangeRequest, ReadData, ReadSegment, ShardId, VolumeId, VolumeIo, WriteRequest, ZeroRequest,
 };
+use bytes::Bytes;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::integrity::{self, Peers};
 use crate::router::{MultiRaft, Replica};
 
 /// Where a chunk of a volume lives. The meta group's placement map will
@@ -177,11 +181,21 @@ pub struct DataService<S: BlockStore> {
     locator: Arc<dyn ShardLocator>,
     io: Arc<VolumeIoCounters>,
     who: NodeIdentity,
+    /// Read repair: healthy copies of damaged blocks from the other voters.
+    /// `None`: a damaged block fails the read with `CORRUPT`.
+    peers: Option<Arc<Peers>>,
 }
 
 impl<S: BlockStore> DataService<S> {
     pub fn new(groups: Arc<MultiRaft<S>>, locator: Arc<dyn ShardLocator>) -> Self {
-        Self { groups, locator, io: Arc::default(), who: Arc::default() }
+        Self { groups, locator, io: Arc::default(), who: Arc::default(), peers: None }
+    }
+
+    /// Answer reads that meet damaged blocks from the other voters' copies,
+    /// and repair them (see [`crate::integrity`]).
+    pub fn repairing(mut self, peers: Arc<Peers>) -> Self {
+        self.peers = Some(peers);
+        self
     }
 
     /// Count successful requests in `io` and name the node (once it has an
@@ -272,7 +286,15 @@ impl<S: BlockStore> DataService<S> {
 
     async fn read(&self, r: RangeRequest) -> Result<ReadData, ApiError> {
         let replica = self.route(r.volume, r.offset, r.length)?;
-        let found = replica.group.read(r.volume, r.offset, r.length).await.map_err(api_error)?;
+        let found = match &self.peers {
+            None => replica.group.read(r.volume, r.offset, r.length).await.map_err(api_error)?,
+            Some(peers) => match replica.group.read_checked(r.volume, r.offset, r.length).await.map_err(api_error)? {
+                RangeRead::Data(segments) => segments,
+                RangeRead::Damaged { applied, blocks } => {
+                    self.read_repair(peers, &replica, &r, applied, blocks).await?
+                }
+            },
+        };
         let mut at = r.offset;
         let mut segments = Vec::with_capacity(found.len());
         for s in found {
@@ -293,6 +315,44 @@ impl<S: BlockStore> DataService<S> {
         }
         self.io.count_read(r.volume, r.length);
         Ok(ReadData { segments })
+    }
+
+    /// The read `r` met `blocks` damaged on this leader (at applied index
+    /// `applied`): answer it from the other voters' copies, then repair
+    /// through the log in the background. No healthy copy: `CORRUPT`.
+    async fn read_repair(
+        &self,
+        peers: &Arc<Peers>,
+        replica: &Arc<Replica<S>>,
+        r: &RangeRequest,
+        applied: u64,
+        blocks: Vec<u64>,
+    ) -> Result<Vec<Segment>, ApiError> {
+        let refs: Vec<BlockRef> = blocks.iter().map(|b| BlockRef { volume: r.volume.0, block: *b }).collect();
+        let copies = integrity::healthy_copies(peers, &replica.group, &refs, applied, false).await;
+        let shard = replica.group.spec().shard;
+        if !copies.missing.is_empty() {
+            let first = copies.missing[0].block;
+            return Err(ApiError::new(
+                ErrorCode::Corrupt,
+                format!(
+                    "{} block(s) of {} in {shard} (first: block {first}) fail their checksum on every replica asked",
+                    copies.missing.len(),
+                    r.volume
+                ),
+            ));
+        }
+        crate::metrics::count_stored_checksum_errors(blocks.len() as u64);
+        tracing::warn!(%shard, volume = r.volume.0, blocks = blocks.len(), first = blocks[0], "read met damaged blocks on the leader; answered from a healthy replica, repairing");
+        let patch: BTreeMap<u64, Option<Bytes>> = copies.found.iter().map(|(b, d)| (b.block, d.clone())).collect();
+        let segments = replica.group.read_patched(r.volume, r.offset, r.length, patch).await.map_err(api_error)?;
+        let replica = replica.clone();
+        tokio::spawn(async move {
+            if let Err(e) = integrity::propose_repair(&replica.group, &copies, RepairCause::Read).await {
+                tracing::warn!(%shard, "read repair not committed (the next read or scrub retries): {e}");
+            }
+        });
+        Ok(segments)
     }
 
     async fn block_status(&self, r: RangeRequest) -> Result<Vec<Extent>, ApiError> {

@@ -21,7 +21,9 @@
 pub mod admin_service;
 pub mod data_service;
 mod error;
+pub mod faults;
 pub mod identity;
+pub mod integrity;
 pub mod manifest;
 pub mod metrics;
 pub mod node;
@@ -29,6 +31,7 @@ pub mod raft_service;
 mod reconcile;
 mod repair;
 pub mod router;
+pub mod scrub;
 pub mod transport;
 
 pub use ballast_raft::ShardConfig;

@@ -32,25 +32,107 @@ pub const STATE_GAUGES: [(&str, &str); 6] = [
     ),
 ];
 
-/// Scrub does not exist yet: its series are registered so dashboards and
-/// alerts can name them, and stay at zero.
-static SCRUB: LazyLock<(Arc<Counter>, Arc<Counter>)> = LazyLock::new(|| {
+/// What scrub ([`crate::scrub`]) counts.
+pub(crate) struct ScrubMetrics {
+    pub bytes: Arc<Counter>,
+    pub blocks: Arc<Counter>,
+    pub errors: Arc<Counter>,
+    pub repaired: Arc<Counter>,
+    pub unrepaired: Arc<Counter>,
+    pub passes: Arc<Counter>,
+}
+
+pub(crate) static SCRUB: LazyLock<ScrubMetrics> = LazyLock::new(|| {
     let r = global();
-    (
-        r.counter("ballast_scrub_bytes_total", "Bytes verified by background scrub (no scrub yet: always 0).", &[]),
-        r.counter(
-            "ballast_scrub_errors_total",
-            "Checksum failures found by background scrub (no scrub yet: always 0).",
+    ScrubMetrics {
+        bytes: r.counter(
+            "ballast_scrub_bytes_total",
+            "Stored block bytes read and verified by scrub on this node.",
             &[],
         ),
-    )
+        blocks: r.counter("ballast_scrub_blocks_total", "Stored blocks read and verified by scrub on this node.", &[]),
+        errors: r.counter(
+            "ballast_scrub_errors_total",
+            "Blocks that scrub found failing their CRC32C on this node's replicas.",
+            &[],
+        ),
+        repaired: r.counter(
+            "ballast_scrub_repaired_total",
+            "Damaged blocks scrub found on this node that were then repaired from a healthy replica.",
+            &[],
+        ),
+        unrepaired: r.counter(
+            "ballast_scrub_unrepaired_total",
+            "Damaged blocks scrub found on this node that could not be repaired (no healthy copy, or the repair \
+             failed; the next pass retries).",
+            &[],
+        ),
+        passes: r.counter("ballast_scrub_passes_total", "Scrub passes finished on this node.", &[]),
+    }
 });
+
+/// Count `n` stored blocks that failed their checksum on a read this node
+/// then answered from a healthy replica (read repair).
+pub(crate) fn count_stored_checksum_errors(n: u64) {
+    DATA.checksum_stored.add(n);
+}
+
+/// What self-healing and balancing did on this node (`crate::repair`).
+pub(crate) struct HealMetrics {
+    /// Snapshot bytes this node streamed to replicas being built.
+    pub rebuild_sent_bytes: Arc<Counter>,
+    /// Moves this node's shard leaders completed (repairs, drains, rebalancing).
+    pub moves_done: Arc<Counter>,
+    /// Rebalancing moves proposed while this node led the meta group.
+    pub rebalance_moves: Arc<Counter>,
+    /// Leaderships this node's shard leaders handed over for leader balancing.
+    pub leader_transfers: Arc<Counter>,
+    /// Lost meta members replaced while this node led the meta group.
+    pub meta_replacements: Arc<Counter>,
+}
+
+static HEAL: LazyLock<HealMetrics> = LazyLock::new(|| {
+    let r = global();
+    HealMetrics {
+        rebuild_sent_bytes: r.counter(
+            "ballast_rebuild_sent_bytes_total",
+            "Snapshot bytes this node streamed to shard replicas being built.",
+            &[],
+        ),
+        moves_done: r.counter(
+            "ballast_rebuild_moves_total",
+            "Replica moves (rebuilds, drains, rebalancing) completed by shard leaders on this node.",
+            &[],
+        ),
+        rebalance_moves: r.counter(
+            "ballast_rebalance_moves_total",
+            "Rebalancing moves proposed by this node as meta leader.",
+            &[],
+        ),
+        leader_transfers: r.counter(
+            "ballast_leader_transfers_total",
+            "Shard leaderships this node handed to another voter for leader balancing.",
+            &[],
+        ),
+        meta_replacements: r.counter(
+            "ballast_meta_replacements_total",
+            "Meta group voters replaced (lost member out, live node in) by this node as meta leader.",
+            &[],
+        ),
+    }
+});
+
+pub(crate) fn heal() -> &'static HealMetrics {
+    &HEAL
+}
 
 /// Register every series a node exports (at zero) before the first scrape.
 pub(crate) fn register() {
     ballast_raft::metrics::register();
+    ballast_raft::apply::register_metrics();
     LazyLock::force(&DATA);
     LazyLock::force(&SCRUB);
+    LazyLock::force(&HEAL);
 }
 
 /// Names of every family a node's `/metrics` shows.
@@ -157,7 +239,8 @@ static DATA: LazyLock<DataMetrics> = LazyLock::new(|| {
         })
         .collect();
     let help = "Checksum failures: `wire` = a write payload whose CRC32C did not match, \
-                `stored` = a stored block that failed its CRC32C on read.";
+                `stored` = a stored block that failed its CRC32C on read (one per block answered from a \
+                healthy replica, one per read that failed with CORRUPT).";
     DataMetrics {
         ops,
         checksum_wire: r.counter("ballast_checksum_errors_total", help, &[("kind", "wire")]),

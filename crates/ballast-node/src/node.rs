@@ -46,6 +46,11 @@ use crate::raft_service::{RaftService, WhoAmI};
 use crate::router::{MultiRaft, Replica};
 use crate::transport::GrpcTransport;
 
+/// What a node without `--join-token` presents when it joins (the wire
+/// requires a token). Configured tokens cannot contain its parentheses, so
+/// it never matches one.
+pub const NO_JOIN_TOKEN: &str = "(none)";
+
 /// How long `start` waits for a data dir still held by a previous instance
 /// in this process (its last handles are released asynchronously).
 const REOPEN_WAIT: Duration = Duration::from_secs(10);
@@ -71,8 +76,14 @@ pub struct NodeConfig {
     /// Endpoints of an existing cluster to join through (when this node has
     /// no identity yet). Empty: wait for `cluster init`.
     pub join: Vec<String>,
-    /// Presented when joining (checked by the cluster once tokens exist).
-    pub join_token: String,
+    /// The cluster's join token (`--join-token`). `Some`: this node refuses
+    /// `JoinNode` and `AssignIdentity` calls that do not carry the same one,
+    /// and presents it when it joins or assigns identities. `None`: no check;
+    /// a join presents [`NO_JOIN_TOKEN`].
+    pub join_token: Option<String>,
+    /// Mutual TLS for the server and every channel this node opens; `None`:
+    /// plain HTTP/2.
+    pub tls: Option<ballast_proto::TlsConfig>,
     pub shard: ShardConfig,
     pub rocks: RocksConfig,
     /// `Some`: a fixed chunk→shard rule and no reconciler (tests that place
@@ -87,6 +98,10 @@ pub struct NodeConfig {
     /// Bytes per second for all snapshot streams this node sends (how
     /// rebuilt replicas get their data); `None`: unlimited.
     pub rebuild_rate: Option<u64>,
+    /// Bytes per second scrub reads at (`None`: unpaced); see [`crate::scrub`].
+    pub scrub_rate: Option<u64>,
+    /// Time between the end of one scrub pass and the start of the next.
+    pub scrub_interval: Duration,
 }
 
 impl NodeConfig {
@@ -110,13 +125,16 @@ impl NodeConfig {
             data_dirs,
             zone: None,
             join: Vec::new(),
-            join_token: "ballast".into(),
+            join_token: None,
+            tls: None,
             shard: ShardConfig::default(),
             rocks: RocksConfig::default(),
             locator: None,
             reconcile_every: Duration::from_millis(500),
             down_after: Duration::from_secs(60),
             rebuild_rate: None,
+            scrub_rate: Some(crate::scrub::DEFAULT_RATE),
+            scrub_interval: crate::scrub::DEFAULT_INTERVAL,
         }
     }
 }
@@ -197,7 +215,9 @@ impl Node {
             None => map.clone(),
         };
         let (stop_tasks, _) = watch::channel(false);
+        let scrub = Arc::new(crate::scrub::Scrubber::new(config.scrub_rate, config.scrub_interval));
         let inner = Arc::new(NodeInner {
+            scrub,
             config,
             advertise,
             local_addr,
@@ -217,11 +237,15 @@ impl Node {
             tasks: Mutex::new(Vec::new()),
         });
 
-        let raft = RaftServer::new(RaftService::new(who, groups.clone()))
+        let weak = Arc::downgrade(&inner);
+        let connect: crate::integrity::Connect =
+            Box::new(move |addr: &str| weak.upgrade().ok_or_else(|| "the node is stopping".to_string())?.channel(addr));
+        let peers = Arc::new(crate::integrity::Peers::new(who.clone(), connect));
+        let raft = RaftServer::new(RaftService::new(who, groups.clone()).with_peers(peers.clone()))
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let data = DataServer::new(crate::metrics::MeteredData(
-            DataService::new(groups, locator).observed(inner.io.clone(), inner.who.clone()),
+            DataService::new(groups, locator).observed(inner.io.clone(), inner.who.clone()).repairing(peers.clone()),
         ))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -230,15 +254,19 @@ impl Node {
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(
-            Server::builder().add_service(raft).add_service(data).add_service(admin).serve_with_incoming_shutdown(
+        let mut builder = Server::builder();
+        if let Some(tls) = &inner.config.tls {
+            builder = builder.tls_config(tls.server()).map_err(|e| NodeError::Config(format!("TLS: {e}")))?;
+        }
+        let server =
+            tokio::spawn(builder.add_service(raft).add_service(data).add_service(admin).serve_with_incoming_shutdown(
                 incoming,
                 async {
                     let _ = stopped.await;
                 },
-            ),
-        );
+            ));
         tracing::info!(%local_addr, advertise = %inner.advertise, disks = inner.disks.len(), "node serving");
+        inner.spawn(crate::scrub::run(inner.clone(), peers));
         let node = NodeHandle { inner, stop: Mutex::new(Some(stop)), server: Mutex::new(Some(server)) };
         match identity {
             Some(id) => {
@@ -347,6 +375,8 @@ pub(crate) struct NodeInner {
     pub io: Arc<crate::data_service::VolumeIoCounters>,
     /// Flips to `true` when background tasks must end.
     pub stop_tasks: watch::Sender<bool>,
+    /// Scrub settings and figures (`NodeStats`, `ScrubNode`).
+    pub scrub: Arc<crate::scrub::Scrubber>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -370,8 +400,8 @@ impl NodeInner {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        let ep = ballast_proto::tls::endpoint(addr, self.config.tls.as_ref())
+            .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(10))
             .tcp_nodelay(true);
@@ -417,7 +447,9 @@ impl NodeInner {
                 .await
                 .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
         }
-        let transport = Arc::new(GrpcTransport::new(id.cluster, id.node.0, self.config.rebuild_rate));
+        let transport = Arc::new(
+            GrpcTransport::new(id.cluster, id.node.0, self.config.rebuild_rate).with_tls(self.config.tls.clone()),
+        );
         let _ = self.transport.set(transport.clone());
         let _ = self.who.set((id.cluster, id.node));
         let _ = self.identity.set(id.clone());
@@ -447,6 +479,42 @@ impl NodeInner {
         if self.config.locator.is_none() {
             self.spawn(crate::reconcile::run(self.clone()));
         }
+        Ok(())
+    }
+
+    /// Become a meta member: start an empty meta replica (the meta leader
+    /// then adds it as a learner and makes it a voter in place of a lost
+    /// member) and record it in the stored identity, so a restart reopens
+    /// it. Idempotent.
+    pub async fn join_meta(self: &Arc<Self>) -> Result<(), NodeError> {
+        let _guard = self.activation.lock().await;
+        self.running()?;
+        if self.meta.get().is_some() {
+            return Ok(());
+        }
+        let id = self.identity.get().cloned().ok_or(NodeError::NoIdentity)?;
+        let transport = self.transport.get().cloned().ok_or(NodeError::NoIdentity)?;
+        let (dir, stored) = (self.disks[0].dir.clone(), Identity { meta: true, ..id.clone() });
+        tokio::task::spawn_blocking(move || identity::store(&dir, &stored))
+            .await
+            .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
+        let disk = &self.disks[0];
+        let snapshots = disk.dir.join("snapshots");
+        let meta = start_meta(
+            id.node.0,
+            &self.config.shard,
+            &disk.writer,
+            disk.store.clone(),
+            &meta_snapshot_dir(&snapshots),
+            transport,
+        )
+        .await?;
+        let replica = Replica { group: meta.router_handle(), snapshot_dir: meta_snapshot_dir(&snapshots) };
+        if self.groups.insert(GroupId::META, replica).is_err() {
+            return Err(NodeError::GroupExists { group: GroupId::META });
+        }
+        let _ = self.meta.set(Arc::new(meta));
+        tracing::info!(node = id.node.0, "started a meta replica: joining the meta group");
         Ok(())
     }
 

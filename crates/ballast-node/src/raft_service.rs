@@ -10,15 +10,21 @@ use std::sync::{Arc, OnceLock};
 
 use ballast_proto::pb::raft_server::Raft;
 use ballast_proto::{pb, SnapshotSequencer};
-use ballast_raft::types::{SnapshotMeta, Vote};
-use ballast_raft::{codec, ShardSnapshot, SnapshotReceiver};
+use ballast_raft::types::{FetchBlocks, RepairBlocks, RepairCause, RepairedBlocks, SnapshotMeta, Vote};
+use ballast_raft::{codec, ShardError, ShardSnapshot, SnapshotReceiver};
 use ballast_storage::BlockStore;
-use ballast_types::{ApiError, ClusterId, ErrorCode, NodeHello, RaftEnvelope, RaftRequest, SnapshotChunk};
+use ballast_types::{ApiError, ClusterId, ErrorCode, GroupId, NodeHello, RaftEnvelope, RaftRequest, SnapshotChunk};
 use bytes::Bytes;
 use openraft::Snapshot;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::data_service::api_error;
+
+use crate::integrity::{self, Peers, APPLIED_WAIT};
 use crate::router::{MultiRaft, Replica};
+
+/// Most blocks one `FetchBlocks` or `RepairBlocks` may name (4 MiB of copies).
+pub const MAX_BLOCKS_PER_CALL: usize = 1024;
 
 /// Who this node is, once it belongs to a cluster (set once, by `cluster
 /// init` or a join, or at start from the data dir).
@@ -28,11 +34,20 @@ pub type WhoAmI = Arc<OnceLock<(ClusterId, ballast_types::NodeId)>>;
 pub struct RaftService<S: BlockStore> {
     who: WhoAmI,
     groups: Arc<MultiRaft<S>>,
+    /// For `RepairBlocks` (a leader fetching healthy copies from its
+    /// voters); `None`: this node refuses it.
+    peers: Option<Arc<Peers>>,
 }
 
 impl<S: BlockStore> RaftService<S> {
     pub fn new(who: WhoAmI, groups: Arc<MultiRaft<S>>) -> Self {
-        Self { who, groups }
+        Self { who, groups, peers: None }
+    }
+
+    /// Serve `RepairBlocks` through `peers`.
+    pub fn with_peers(mut self, peers: Arc<Peers>) -> Self {
+        self.peers = Some(peers);
+        self
     }
 
     /// This node's cluster and id; `UNAVAILABLE` before it has joined one.
@@ -51,6 +66,9 @@ impl<S: BlockStore> RaftService<S> {
         }
         if e.target != me {
             return Err(ApiError::new(ErrorCode::Invalid, format!("message for {} reached {me}", e.target)));
+        }
+        if crate::faults::blocked(e.from.0) {
+            return Err(unavailable(format!("traffic from {} is dropped (partition fault)", e.from)));
         }
         self.groups
             .get(e.group)
@@ -101,6 +119,55 @@ impl<S: BlockStore> RaftService<S> {
         let rpc = codec::decode(&req.payload).map_err(invalid)?;
         let resp = replica.group.raft().vote(rpc).await.map_err(unavailable)?;
         encoded(&resp)
+    }
+
+    /// The shard replica a block call is for (never the meta group) and its
+    /// decoded payload.
+    fn block_call<Q: serde::de::DeserializeOwned>(&self, m: pb::RaftRequest) -> Result<(Arc<Replica<S>>, Q), ApiError> {
+        let req = RaftRequest::try_from(m).map_err(ApiError::from)?;
+        if req.envelope.group == GroupId::META {
+            return Err(invalid("block calls are for shard groups"));
+        }
+        let replica = self.route(&req.envelope)?;
+        Ok((replica, codec::decode(&req.payload).map_err(invalid)?))
+    }
+
+    /// Verified copies of blocks, once this replica has applied `min_applied`.
+    async fn fetch_blocks(&self, m: pb::RaftRequest) -> Result<Bytes, ApiError> {
+        let (replica, q): (_, FetchBlocks) = self.block_call(m)?;
+        if q.blocks.len() > MAX_BLOCKS_PER_CALL {
+            return Err(invalid(format!("{} blocks asked (max {MAX_BLOCKS_PER_CALL})", q.blocks.len())));
+        }
+        replica.group.wait_applied(q.min_applied, APPLIED_WAIT).await.map_err(api_error)?;
+        encoded(&replica.group.copies(q.blocks).await.map_err(api_error)?)
+    }
+
+    /// On the shard's leader: repair blocks damaged on the caller.
+    async fn repair_blocks(&self, m: pb::RaftRequest) -> Result<Bytes, ApiError> {
+        let (replica, q): (_, RepairBlocks) = self.block_call(m)?;
+        let peers = self.peers.as_ref().ok_or_else(|| unavailable("this node does not repair blocks"))?;
+        if q.blocks.len() > MAX_BLOCKS_PER_CALL {
+            return Err(invalid(format!("{} blocks asked (max {MAX_BLOCKS_PER_CALL})", q.blocks.len())));
+        }
+        let group = &replica.group;
+        if !group.membership().leading {
+            let leader = group.leader();
+            return Err(api_error(ShardError::NotLeader {
+                group: group.spec().group,
+                leader: leader.as_ref().map(|l| l.0),
+                addr: leader.map(|l| l.1.addr),
+            }));
+        }
+        let copies = integrity::healthy_copies(peers, group, &q.blocks, group.applied_index(), true).await;
+        let index = if copies.found.is_empty() {
+            0
+        } else {
+            integrity::propose_repair(group, &copies, RepairCause::Scrub).await.map_err(api_error)?
+        };
+        if !copies.missing.is_empty() {
+            tracing::error!(shard = %group.spec().shard, blocks = copies.missing.len(), first = ?copies.missing[0], "no voter holds a healthy copy of damaged blocks: they stay damaged");
+        }
+        encoded(&RepairedBlocks { index, unrepairable: copies.missing })
     }
 
     /// Spill the stream's frames to a file (on a blocking thread, two frames
@@ -168,6 +235,9 @@ impl<S: BlockStore> Raft for RaftService<S> {
             if h.cluster != cluster {
                 return Err(ApiError::new(ErrorCode::WrongCluster, format!("this node is in {cluster}")));
             }
+            if crate::faults::blocked(h.node.0) {
+                return Err(unavailable(format!("traffic from {} is dropped (partition fault)", h.node)));
+            }
             Ok(NodeHello { cluster, node: me, addr: String::new(), protocol_version: ballast_types::PROTOCOL_VERSION })
         });
         Ok(Response::new(pb::NodeHelloReply::from(r)))
@@ -186,5 +256,13 @@ impl<S: BlockStore> Raft for RaftService<S> {
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftReply>, Status> {
         reply(RaftService::install_snapshot(self, request.into_inner()).await)
+    }
+
+    async fn fetch_blocks(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        reply(RaftService::fetch_blocks(self, request.into_inner()).await)
+    }
+
+    async fn repair_blocks(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        reply(RaftService::repair_blocks(self, request.into_inner()).await)
     }
 }

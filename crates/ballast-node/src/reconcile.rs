@@ -250,7 +250,7 @@ pub(crate) async fn join(inner: Arc<NodeInner>) {
         addr: inner.advertise.clone(),
         zone: inner.config.zone.clone(),
         disks: inner.disk_infos(),
-        token: inner.config.join_token.clone(),
+        token: inner.config.join_token.clone().unwrap_or_else(|| crate::node::NO_JOIN_TOKEN.into()),
         protocol_version: PROTOCOL_VERSION,
     };
     let endpoints = inner.config.join.clone();
@@ -260,12 +260,17 @@ pub(crate) async fn join(inner: Arc<NodeInner>) {
     loop {
         let addr = &endpoints[attempt % endpoints.len()];
         attempt += 1;
+        let mut refused = false;
         let result = async {
             let mut client = AdminClient::new(inner.channel(addr)?);
-            let reply = client
-                .join_node(pb::JoinNodeRequest::from(request.clone()))
-                .await
-                .map_err(|s| ProtoError::from(s).to_string())?;
+            let reply = client.join_node(pb::JoinNodeRequest::from(request.clone())).await.map_err(|s| {
+                if let Some(f) = ballast_proto::tls::connect_failure(&s, inner.config.tls.is_some()) {
+                    return f.at(addr);
+                }
+                let e = ProtoError::from(s);
+                refused = e.code() == ErrorCode::Unauthenticated;
+                e.to_string()
+            })?;
             JoinNodeReply::try_from(reply.into_inner()).map_err(|e| e.to_string())
         }
         .await;
@@ -282,6 +287,13 @@ pub(crate) async fn join(inner: Arc<NodeInner>) {
                         return;
                     }
                 }
+            }
+            Err(problem) if refused => {
+                // Retrying cannot fix a wrong token: the node must be restarted with the right one.
+                tracing::error!(
+                    "joining through {addr} refused: {problem}; restart this node with the cluster's --join-token"
+                );
+                return;
             }
             Err(problem) => {
                 if problem != last_problem {

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How long a new connection may take before the call counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -38,6 +38,10 @@ pub struct GrpcTransport {
     peers: Mutex<HashMap<String, RaftClient<Channel>>>,
     /// Paces outgoing snapshot bytes (rebuilds); `None`: as fast as they go.
     rebuild: Option<std::sync::Arc<Pacer>>,
+    /// Mutual TLS towards peers; `None`: plain HTTP/2.
+    tls: Option<ballast_proto::TlsConfig>,
+    /// Snapshot bytes sent per (group, target), for rebuild progress.
+    rebuilds: std::sync::Arc<crate::repair::Rebuilds>,
 }
 
 /// Spreads bytes over time at `rate` bytes per second, across every caller:
@@ -75,18 +79,32 @@ impl GrpcTransport {
     /// together (`None` or 0: unlimited).
     pub fn new(cluster: ClusterId, me: NodeId, rebuild_rate: Option<u64>) -> Self {
         let rebuild = rebuild_rate.filter(|r| *r > 0).map(|r| std::sync::Arc::new(Pacer::new(r)));
-        Self { cluster, me, peers: Mutex::new(HashMap::new()), rebuild }
+        Self { cluster, me, peers: Mutex::new(HashMap::new()), rebuild, tls: None, rebuilds: Default::default() }
+    }
+
+    /// The replicas being built through this transport's snapshot streams.
+    pub(crate) fn rebuilds(&self) -> &std::sync::Arc<crate::repair::Rebuilds> {
+        &self.rebuilds
+    }
+
+    /// Connect to peers over mutual TLS (`None`: plain HTTP/2).
+    pub fn with_tls(mut self, tls: Option<ballast_proto::TlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The client for `node`'s address; connects on first use and reconnects
     /// by itself after the peer restarts.
     fn client(&self, target: NodeId, node: &BallastNode) -> Result<RaftClient<Channel>, TransportError> {
+        if crate::faults::blocked(target) {
+            return Err(TransportError::Unreachable { target, reason: "partition fault".into() });
+        }
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = peers.get(&node.addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{}", node.addr))
-            .map_err(|e| TransportError::Unreachable { target, reason: format!("bad address {:?}: {e}", node.addr) })?
+        let endpoint = ballast_proto::tls::endpoint(&node.addr, self.tls.as_ref())
+            .map_err(|e| TransportError::Unreachable { target, reason: e.to_string() })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
         let client = RaftClient::new(endpoint.connect_lazy())
@@ -203,8 +221,10 @@ impl Transport for GrpcTransport {
         // (taken by the first chunk), and whether `done` was sent.
         let state = (frames, 0u64, Some(start), false);
         let pacer = self.rebuild.clone();
+        let rebuilds = self.rebuilds.clone();
+        rebuilds.stream_started(group, target);
         let chunks = futures::stream::unfold(state, move |(mut frames, offset, mut start, finished)| {
-            let pacer = pacer.clone();
+            let (pacer, rebuilds) = (pacer.clone(), rebuilds.clone());
             async move {
                 if finished {
                     return None;
@@ -222,6 +242,7 @@ impl Transport for GrpcTransport {
                 if let Some(p) = &pacer {
                     p.take(len).await;
                 }
+                rebuilds.sent(group, target, len);
                 let chunk = SnapshotChunk { envelope, offset, start: start.take(), data, done };
                 Some((pb::SnapshotChunk::from(chunk), (frames, offset + len, start, done)))
             }

@@ -7,7 +7,8 @@ use ballast_types::{
     validate_addr, validate_name, validate_volume_size, AttachVolume, Attachment, ClusterId, ClusterStatus,
     CreateVolume, DetachVolume, DiskInfo, Epoch, FailureDomain, InitCluster, InitClusterReply, JoinNode, JoinNodeReply,
     MapVersion, NodeAddr, NodeId, NodeInfo, NodeStats, PlacementMap, PlacementReply, PoolId, PoolInfo, PoolSpec,
-    RebuildProgress, ResizeVolume, ShardId, ShardInfo, ShardStatus, ValidationError, VolumeId, VolumeInfo, VolumeIo,
+    RebuildProgress, RebuildStream, ResizeVolume, ScrubReport, ShardId, ShardInfo, ShardStatus, ValidationError,
+    VolumeId, VolumeInfo, VolumeIo,
 };
 
 use crate::error::{nonzero, required, ConvertError, Field, Problem};
@@ -348,13 +349,98 @@ impl TryFrom<pb::NodeStatsReply> for NodeStats {
             node: NodeId(nonzero(m.node_id, "NodeStatsReply.node_id")?),
             disks: list(m.disks)?,
             volumes: list(m.volumes)?,
+            scrub: m.scrub.map(ScrubReport::try_from).transpose()?,
         })
     }
 }
 
 impl From<NodeStats> for pb::NodeStatsReply {
     fn from(s: NodeStats) -> Self {
-        pb::NodeStatsReply { node_id: s.node.0, disks: to_pb(s.disks), volumes: to_pb(s.volumes) }
+        pb::NodeStatsReply {
+            node_id: s.node.0,
+            disks: to_pb(s.disks),
+            volumes: to_pb(s.volumes),
+            scrub: s.scrub.map(Into::into),
+            ..Default::default()
+        }
+    }
+}
+
+impl TryFrom<pb::RebuildStream> for RebuildStream {
+    type Error = ConvertError;
+    fn try_from(m: pb::RebuildStream) -> Result<Self, ConvertError> {
+        let progress = RebuildProgress { done_bytes: m.done_bytes, total_bytes: m.total_bytes };
+        progress.validate().field("RebuildStream.done_bytes")?;
+        Ok(RebuildStream {
+            shard: ShardId(m.shard),
+            target: NodeId(nonzero(m.target, "RebuildStream.target")?),
+            progress,
+            entries_behind: m.entries_behind,
+            snapshot: m.snapshot,
+        })
+    }
+}
+
+impl From<RebuildStream> for pb::RebuildStream {
+    fn from(r: RebuildStream) -> Self {
+        pb::RebuildStream {
+            shard: r.shard.0,
+            target: r.target.0,
+            done_bytes: r.progress.done_bytes,
+            total_bytes: r.progress.total_bytes,
+            entries_behind: r.entries_behind,
+            snapshot: r.snapshot,
+        }
+    }
+}
+
+impl TryFrom<pb::ScrubReport> for ScrubReport {
+    type Error = ConvertError;
+    fn try_from(m: pb::ScrubReport) -> Result<Self, ConvertError> {
+        if m.repaired.checked_add(m.unrepaired).is_none_or(|r| r > m.corrupt_found) {
+            let e = ValidationError::Other("repaired + unrepaired exceed corrupt_found");
+            return Err(ConvertError::invalid("ScrubReport.repaired", e));
+        }
+        Ok(ScrubReport {
+            node: NodeId(nonzero(m.node_id, "ScrubReport.node_id")?),
+            passes: m.passes,
+            running: m.running,
+            last_finished_unix_ms: (m.last_finished_unix_ms != 0).then_some(m.last_finished_unix_ms),
+            blocks_checked: m.blocks_checked,
+            bytes_checked: m.bytes_checked,
+            corrupt_found: m.corrupt_found,
+            repaired: m.repaired,
+            unrepaired: m.unrepaired,
+        })
+    }
+}
+
+impl From<ScrubReport> for pb::ScrubReport {
+    fn from(r: ScrubReport) -> Self {
+        pb::ScrubReport {
+            node_id: r.node.0,
+            passes: r.passes,
+            running: r.running,
+            last_finished_unix_ms: r.last_finished_unix_ms.unwrap_or(0),
+            blocks_checked: r.blocks_checked,
+            bytes_checked: r.bytes_checked,
+            corrupt_found: r.corrupt_found,
+            repaired: r.repaired,
+            unrepaired: r.unrepaired,
+        }
+    }
+}
+
+impl TryFrom<pb::ScrubReply> for Vec<ScrubReport> {
+    type Error = ConvertError;
+    fn try_from(m: pb::ScrubReply) -> Result<Self, ConvertError> {
+        list(m.nodes)
+    }
+}
+
+impl From<Vec<ScrubReport>> for pb::ScrubReply {
+    fn from(v: Vec<ScrubReport>) -> Self {
+        pb::ScrubReply { nodes: to_pb(v) }
     }
 }
 
@@ -369,6 +455,7 @@ impl TryFrom<pb::ClusterStatusReply> for ClusterStatus {
             nodes: list(m.nodes)?,
             shards: list(m.shards)?,
             volume_io: list(m.volume_io)?,
+            scrub: list(m.scrub)?,
         })
     }
 }
@@ -383,6 +470,7 @@ impl From<ClusterStatus> for pb::ClusterStatusReply {
             nodes: to_pb(s.nodes),
             shards: to_pb(s.shards),
             volume_io: to_pb(s.volume_io),
+            scrub: to_pb(s.scrub),
         }
     }
 }

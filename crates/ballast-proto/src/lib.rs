@@ -19,12 +19,14 @@
 mod admin;
 mod data;
 mod error;
+pub mod tls;
 
 pub use data::SnapshotSequencer;
 pub use error::{
     api_error_from_status, code_from_grpc, error_code_from_wire, grpc_code, status_from_api_error, ConvertError,
     Problem, ProtoError, Reply,
 };
+pub use tls::{ConnectFailure, TlsConfig, TlsError, TlsFiles};
 
 /// Generated messages, clients (`pb::data_client::DataClient`, …) and server
 /// traits (`pb::data_server::Data`, …). Use them only inside RPC glue.
@@ -47,6 +49,17 @@ impl std::fmt::Debug for pb::JoinNodeRequest {
             .field("disks", &self.disks)
             .field("token", &"<redacted>")
             .field("protocol_version", &self.protocol_version)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for pb::AssignIdentityRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssignIdentityRequest")
+            .field("cluster_id", &self.cluster_id)
+            .field("node_id", &self.node_id)
+            .field("meta_members", &self.meta_members)
+            .field("join_token", &"<redacted>")
             .finish()
     }
 }

@@ -214,6 +214,7 @@ fn random_values_round_trip() {
             nodes,
             shards,
             volume_io,
+            scrub: vec![],
         };
         roundtrip::<_, pb::ClusterStatusReply>(status);
         let n = node(&mut r, 1);

@@ -10,8 +10,8 @@ use ballast_types::{
     ApiError, AttachVolume, Attachment, ClusterId, ClusterStatus, CreateVolume, DetachVolume, DiskInfo, Epoch,
     ErrorCode, Extent, FailureDomain, GroupId, InitCluster, InitClusterReply, JoinNode, JoinNodeReply, LeaderHint,
     MapVersion, NodeAddr, NodeHello, NodeId, NodeInfo, NodeStats, PlacementReply, PoolInfo, PoolSpec, RaftEnvelope,
-    RaftRequest, RangeRequest, ReadData, ReadSegment, RebuildProgress, ResizeVolume, SegmentBody, ShardId, ShardInfo,
-    ShardStatus, SnapshotChunk, SnapshotStart, VolumeId, VolumeInfo, VolumeIo, WriteRequest, ZeroRequest,
+    RaftRequest, RangeRequest, ReadData, ReadSegment, RebuildProgress, ResizeVolume, ScrubReport, SegmentBody, ShardId,
+    ShardInfo, ShardStatus, SnapshotChunk, SnapshotStart, VolumeId, VolumeInfo, VolumeIo, WriteRequest, ZeroRequest,
     PROTOCOL_VERSION,
 };
 use common::{bytes, pool, roundtrip, sample_map, volume, wire};
@@ -169,7 +169,33 @@ fn admin_messages_round_trip() {
     roundtrip::<_, pb::ShardStatus>(ShardStatus { shard: shard.clone(), under_replicated: true, rebuilding });
     let io = VolumeIo { volume: VolumeId(10), reads: 1, read_bytes: 4096, writes: 2, write_bytes: 8192 };
     let disk = DiskInfo { path: "/d".into(), capacity: 100, used: 7 };
-    roundtrip::<_, pb::NodeStatsReply>(NodeStats { node: NodeId(2), disks: vec![disk], volumes: vec![io] });
+    roundtrip::<_, pb::NodeStatsReply>(NodeStats {
+        node: NodeId(2),
+        disks: vec![disk.clone()],
+        volumes: vec![io],
+        scrub: None,
+    });
+    let scrub = ScrubReport {
+        node: NodeId(2),
+        passes: 3,
+        running: true,
+        last_finished_unix_ms: Some(1_700_000_000_000),
+        blocks_checked: 9000,
+        bytes_checked: 9000 * 4096,
+        corrupt_found: 4,
+        repaired: 3,
+        unrepaired: 1,
+    };
+    roundtrip::<_, pb::NodeStatsReply>(NodeStats {
+        node: NodeId(2),
+        disks: vec![disk],
+        volumes: vec![],
+        scrub: Some(scrub),
+    });
+    roundtrip::<_, pb::ScrubReply>(vec![scrub, ScrubReport { node: NodeId(4), ..Default::default() }]);
+    let bad = pb::ScrubReport { node_id: 1, corrupt_found: 1, repaired: 1, unrepaired: 1, ..Default::default() };
+    assert!(ScrubReport::try_from(bad).is_err(), "more repaired than found");
+    assert!(ScrubReport::try_from(pb::ScrubReport::default()).is_err(), "node id required");
     roundtrip::<_, pb::ClusterStatusReply>(ClusterStatus {
         cluster: ClusterId(5),
         protocol_version: PROTOCOL_VERSION,
@@ -178,6 +204,7 @@ fn admin_messages_round_trip() {
         nodes: vec![node],
         shards: vec![ShardStatus { shard, under_replicated: false, rebuilding: None }],
         volume_io: vec![io, VolumeIo::new(VolumeId(11))],
+        scrub: vec![scrub],
     });
 
     let vol = volume(10, "db", 1);

@@ -1,13 +1,38 @@
 //! How a shard request becomes block changes: fencing, validation, and the
 //! [`VolumeView`] mapping. Deterministic given the store and the epochs, so
 //! every replica computes the same batch and the same answer.
+//!
+//! **Damaged blocks.** A block whose stored value fails its checksum is
+//! damaged on this replica only; its peers hold good copies. Applying must
+//! neither stop the replica nor ever turn the damage into data a reader
+//! would take for good:
+//! - A write or zero covering a whole damaged block replaces it (no read).
+//! - A piece smaller than a block over a damaged block cannot be merged: the
+//!   block is left as it is (it keeps failing its checksum, so reads of it
+//!   are answered from a peer and repaired), the entry's index is recorded as
+//!   the shard's `kept_corrupt` mark (persisted with the batch), and
+//!   `ballast_apply_kept_corrupt_total` counts it. Writing the piece over
+//!   zeros instead would hand out made-up bytes as data.
+//! - [`ShardRequest::Repair`] writes its copy only where the stored value
+//!   fails its checksum, and only when its copy (read at `as_of` on a
+//!   healthy replica) is not older than the `kept_corrupt` mark. Why that is
+//!   enough: any entry after `as_of` that touched the block either replaced
+//!   it whole (the value is good now: the repair skips it), deleted it (a
+//!   hole is not damaged: skipped), or was a partial piece over the damage
+//!   (the mark is now above `as_of`: skipped; a later repair with a fresher
+//!   copy succeeds). So a repair never puts back a value older than the
+//!   replica's log says the block has. (Left open: a block that was written
+//!   after `as_of` while still good and then damaged before the repair
+//!   applied — a window of one round trip — would get the older copy.)
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
 
+use ballast_metrics::Counter;
 use ballast_storage::{BlockStore, KeyRange, StorageError, VolumeView, WriteBatch};
 use ballast_types::{BlockKey, Geometry, ShardId, VolumeId, BLOCK_SIZE};
 
-use crate::types::{ShardRequest, ShardResponse};
+use crate::types::{RepairCause, ShardRequest, ShardResponse};
 
 /// Largest byte span one request may touch (the client splits at chunk
 /// boundaries, so real requests are far smaller).
@@ -31,6 +56,11 @@ pub(crate) mod keys {
     /// Last applied log id.
     pub fn applied(shard: ShardId) -> Vec<u8> {
         named(shard, "applied")
+    }
+    /// Log index of the last entry that left a damaged block as it was
+    /// (a partial write over it): u64 BE. See the module docs.
+    pub fn kept_corrupt(shard: ShardId) -> Vec<u8> {
+        named(shard, "kept_corrupt")
     }
     /// Last applied membership.
     pub fn membership(shard: ShardId) -> Vec<u8> {
@@ -69,8 +99,95 @@ pub(crate) fn reads_store(req: &ShardRequest) -> bool {
     match req {
         ShardRequest::Write { offset, data, .. } => offset % bs != 0 || data.len() as u64 % bs != 0,
         ShardRequest::Zero { offset, len, .. } => offset % bs != 0 || len % bs != 0,
+        // Reads each block's stored value to decide.
+        ShardRequest::Repair { .. } => true,
         ShardRequest::DeleteVolume { .. } | ShardRequest::Noop | ShardRequest::Meta(_) => false,
     }
+}
+
+struct IntegrityMetrics {
+    repaired: [Arc<Counter>; 2],
+    kept_corrupt: Arc<Counter>,
+}
+
+static INTEGRITY: LazyLock<IntegrityMetrics> = LazyLock::new(|| {
+    let r = ballast_metrics::global();
+    let help = "Damaged blocks this replica replaced with a healthy copy through a repair entry, by cause \
+                (`read`: a client read met the damage on the leader; `scrub`: a scrub pass found it).";
+    IntegrityMetrics {
+        repaired: [
+            r.counter("ballast_blocks_repaired_total", help, &[("cause", "read")]),
+            r.counter("ballast_blocks_repaired_total", help, &[("cause", "scrub")]),
+        ],
+        kept_corrupt: r.counter(
+            "ballast_apply_kept_corrupt_total",
+            "Partial-block writes or zeroes this replica could not merge because the stored block failed \
+             its checksum (the block stays damaged until repaired from a peer).",
+            &[],
+        ),
+    }
+});
+
+/// Register the repair series (at zero) so a scrape lists them before the
+/// first repair.
+pub fn register_metrics() {
+    LazyLock::force(&INTEGRITY);
+}
+
+/// The shard's replicated apply state that [`plan`] reads and updates.
+#[derive(Debug, Default)]
+pub(crate) struct ApplyState {
+    pub epochs: BTreeMap<VolumeId, u64>,
+    /// The `kept_corrupt` mark (0: never).
+    pub kept_corrupt: u64,
+}
+
+/// Record that the entry at `index` left damaged blocks as they were.
+fn keep_corrupt(shard: ShardId, st: &mut ApplyState, batch: &mut WriteBatch, index: u64, kept: &[BlockKey]) {
+    if kept.is_empty() {
+        return;
+    }
+    tracing::warn!(%shard, index, blocks = kept.len(), first = ?kept[0], "a partial write met a damaged block; it stays damaged until repaired from a peer");
+    INTEGRITY.kept_corrupt.add(kept.len() as u64);
+    if index > st.kept_corrupt {
+        st.kept_corrupt = index;
+        batch.put_meta(keys::kept_corrupt(shard), index.to_be_bytes().to_vec());
+    }
+}
+
+/// The changes of a [`ShardRequest::Repair`]: a block is written only where
+/// the stored value is damaged, and only when the copy is not older than the
+/// `kept_corrupt` mark. Returns how many blocks it replaces.
+fn plan_repair<S: BlockStore>(
+    store: &S,
+    shard: ShardId,
+    st: &ApplyState,
+    volume: VolumeId,
+    as_of: u64,
+    blocks: &[crate::types::RepairBlock],
+    batch: &mut WriteBatch,
+) -> Result<u64, StorageError> {
+    let geometry = Geometry::default();
+    let mut replaced = 0;
+    for b in blocks {
+        let key = geometry.key(shard, volume, b.block);
+        match store.get(&key) {
+            Ok(_) => continue,
+            Err(StorageError::Corrupt { .. } | StorageError::Malformed { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        if as_of < st.kept_corrupt {
+            tracing::info!(%shard, ?key, as_of, kept_corrupt = st.kept_corrupt, "repair copy older than a partial write that met the damage; left for a fresher repair");
+            continue;
+        }
+        match &b.data {
+            Some(d) if d.len() == BLOCK_SIZE as usize => batch.put(key, d.clone()),
+            Some(_) => continue,
+            None => batch.delete(key),
+        }
+        replaced += 1;
+    }
+    Ok(replaced)
 }
 
 fn volume_range(shard: ShardId, volume: VolumeId) -> KeyRange {
@@ -112,35 +229,55 @@ fn check_span(offset: u64, len: u64) -> Result<(), ShardResponse> {
     Ok(())
 }
 
-/// Append the changes of `req` to `batch` (reading `store` for partial
-/// blocks) and return the answer. Storage errors are not answers: they stop
-/// the replica (its state would otherwise diverge from its peers').
+/// Append the changes of `req`, the entry at log `index`, to `batch`
+/// (reading `store` for partial blocks) and return the answer. Storage
+/// errors other than a damaged block are not answers: they stop the replica
+/// (its state would otherwise diverge from its peers').
 pub(crate) fn plan<S: BlockStore>(
     store: &S,
     shard: ShardId,
-    epochs: &mut BTreeMap<VolumeId, u64>,
+    st: &mut ApplyState,
+    index: u64,
     req: &ShardRequest,
     batch: &mut WriteBatch,
 ) -> Result<ShardResponse, StorageError> {
     let view = |volume| VolumeView::new(store, shard, volume, Geometry::default());
     let outcome = match req {
         ShardRequest::Write { volume, epoch, offset, data } => {
-            match check_span(*offset, data.len() as u64).and_then(|_| admit(shard, epochs, batch, *volume, *epoch)) {
+            match check_span(*offset, data.len() as u64)
+                .and_then(|_| admit(shard, &mut st.epochs, batch, *volume, *epoch))
+            {
                 Err(refusal) => refusal,
                 Ok(()) => {
-                    batch.ops.extend(view(*volume).write(*offset, data)?.ops);
+                    let (changes, kept) = view(*volume).write_keeping_corrupt(*offset, data)?;
+                    batch.ops.extend(changes.ops);
+                    keep_corrupt(shard, st, batch, index, &kept);
                     ShardResponse::Done
                 }
             }
         }
         ShardRequest::Zero { volume, epoch, offset, len, punch } => {
-            match check_span(*offset, *len).and_then(|_| admit(shard, epochs, batch, *volume, *epoch)) {
+            match check_span(*offset, *len).and_then(|_| admit(shard, &mut st.epochs, batch, *volume, *epoch)) {
                 Err(refusal) => refusal,
                 Ok(()) => {
-                    batch.ops.extend(view(*volume).zero(*offset, *len, *punch)?.ops);
+                    let (changes, kept) = view(*volume).zero_keeping_corrupt(*offset, *len, *punch)?;
+                    batch.ops.extend(changes.ops);
+                    keep_corrupt(shard, st, batch, index, &kept);
                     ShardResponse::Done
                 }
             }
+        }
+        ShardRequest::Repair { volume, as_of, cause, blocks } => {
+            let replaced = plan_repair(store, shard, st, *volume, *as_of, blocks, batch)?;
+            if replaced > 0 {
+                let i = match cause {
+                    RepairCause::Read => 0,
+                    RepairCause::Scrub => 1,
+                };
+                INTEGRITY.repaired[i].add(replaced);
+                tracing::info!(%shard, %volume, index, blocks = replaced, cause = cause.as_str(), "damaged blocks repaired from a healthy replica");
+            }
+            ShardResponse::Done
         }
         ShardRequest::DeleteVolume { volume } => {
             // The epoch stays: a fenced writer of a deleted volume stays fenced.
@@ -159,9 +296,13 @@ mod tests {
     use ballast_storage::{Durability, MemStore, Segment};
     use bytes::Bytes;
 
-    fn apply(store: &MemStore, epochs: &mut BTreeMap<VolumeId, u64>, req: ShardRequest) -> ShardResponse {
+    fn apply(store: &MemStore, st: &mut ApplyState, req: ShardRequest) -> ShardResponse {
+        apply_at(store, st, 0, req)
+    }
+
+    fn apply_at(store: &MemStore, st: &mut ApplyState, index: u64, req: ShardRequest) -> ShardResponse {
         let mut b = WriteBatch::new();
-        let r = plan(store, ShardId(1), epochs, &req, &mut b).expect("plan");
+        let r = plan(store, ShardId(1), st, index, &req, &mut b).expect("plan");
         store.write(b, Durability::Buffered).expect("write");
         r
     }
@@ -169,7 +310,7 @@ mod tests {
     #[test]
     fn fencing_refuses_older_epochs_and_remembers_the_newest() {
         let store = MemStore::new();
-        let mut epochs = BTreeMap::new();
+        let mut epochs = ApplyState::default();
         let w = |epoch, byte| ShardRequest::Write {
             volume: VolumeId(5),
             epoch,
@@ -195,7 +336,7 @@ mod tests {
     #[test]
     fn delete_volume_drops_only_that_volume_and_bad_ranges_are_invalid() {
         let store = MemStore::new();
-        let mut epochs = BTreeMap::new();
+        let mut epochs = ApplyState::default();
         for v in [4, 5, u64::MAX] {
             let w =
                 ShardRequest::Write { volume: VolumeId(v), epoch: 0, offset: 8192, data: Bytes::from(vec![7u8; 8192]) };
@@ -210,5 +351,90 @@ mod tests {
         assert!(matches!(apply(&store, &mut epochs, bad), ShardResponse::Invalid { .. }));
         let huge = ShardRequest::Zero { volume: VolumeId(4), epoch: 0, offset: 0, len: 1 << 40, punch: true };
         assert!(matches!(apply(&store, &mut epochs, huge), ShardResponse::Invalid { .. }));
+    }
+
+    fn block_of(byte: u8) -> Bytes {
+        Bytes::from(vec![byte; BLOCK_SIZE as usize])
+    }
+
+    fn stored(store: &MemStore, block: u64) -> Result<Option<Bytes>, StorageError> {
+        store.get(&Geometry::default().key(ShardId(1), VolumeId(5), block))
+    }
+
+    fn repair(as_of: u64, blocks: Vec<(u64, Option<Bytes>)>) -> ShardRequest {
+        ShardRequest::Repair {
+            volume: VolumeId(5),
+            as_of,
+            cause: RepairCause::Scrub,
+            blocks: blocks.into_iter().map(|(block, data)| crate::types::RepairBlock { block, data }).collect(),
+        }
+    }
+
+    #[test]
+    fn repair_replaces_only_damaged_blocks_and_leaves_good_ones() {
+        let store = MemStore::new();
+        let mut st = ApplyState::default();
+        let w =
+            ShardRequest::Write { volume: VolumeId(5), epoch: 1, offset: 0, data: Bytes::from(vec![1u8; 4 * 4096]) };
+        apply_at(&store, &mut st, 1, w);
+        store.corrupt(&Geometry::default().key(ShardId(1), VolumeId(5), 1));
+        store.corrupt(&Geometry::default().key(ShardId(1), VolumeId(5), 3));
+        assert!(matches!(stored(&store, 1), Err(StorageError::Corrupt { .. })));
+        // Block 0 is good here: the repair's (different) copy must not replace it.
+        // Block 1 is damaged: replaced. Block 3 is damaged and the healthy copy is a hole.
+        let r = repair(1, vec![(0, Some(block_of(9))), (1, Some(block_of(1))), (3, None)]);
+        assert_eq!(apply_at(&store, &mut st, 2, r), ShardResponse::Done);
+        assert_eq!(stored(&store, 0).expect("good"), Some(block_of(1)));
+        assert_eq!(stored(&store, 1).expect("repaired"), Some(block_of(1)));
+        assert_eq!(stored(&store, 2).expect("untouched"), Some(block_of(1)));
+        assert_eq!(stored(&store, 3).expect("deleted"), None);
+        // A repair of a block that is a hole here changes nothing.
+        apply_at(&store, &mut st, 3, repair(2, vec![(7, Some(block_of(4)))]));
+        assert_eq!(stored(&store, 7).expect("hole"), None);
+    }
+
+    #[test]
+    fn a_partial_write_over_a_damaged_block_keeps_it_damaged_and_fences_older_repairs() {
+        let store = MemStore::new();
+        let mut st = ApplyState::default();
+        let w =
+            ShardRequest::Write { volume: VolumeId(5), epoch: 1, offset: 0, data: Bytes::from(vec![1u8; 2 * 4096]) };
+        apply_at(&store, &mut st, 1, w);
+        store.corrupt(&Geometry::default().key(ShardId(1), VolumeId(5), 0));
+        store.corrupt(&Geometry::default().key(ShardId(1), VolumeId(5), 1));
+        // Partial over block 0 (damaged) and a whole block 1: the replica must not stop.
+        let partial =
+            ShardRequest::Write { volume: VolumeId(5), epoch: 1, offset: 100, data: Bytes::from(vec![2u8; 8000]) };
+        assert_eq!(apply_at(&store, &mut st, 5, partial), ShardResponse::Done);
+        assert!(matches!(stored(&store, 0), Err(StorageError::Corrupt { .. })), "never made-up data");
+        // The write ends at 8100: block 1 is a partial piece too.
+        assert!(matches!(stored(&store, 1), Err(StorageError::Corrupt { .. })));
+        assert_eq!(st.kept_corrupt, 5);
+        assert_eq!(store.get_meta(&keys::kept_corrupt(ShardId(1))).expect("meta"), Some(5u64.to_be_bytes().to_vec()));
+        // A copy read before the partial write (as_of 4) would lose it: refused.
+        apply_at(&store, &mut st, 6, repair(4, vec![(0, Some(block_of(1)))]));
+        assert!(matches!(stored(&store, 0), Err(StorageError::Corrupt { .. })));
+        // A copy read after it is taken.
+        let mut merged = vec![1u8; 4096];
+        merged[100..].fill(2);
+        apply_at(&store, &mut st, 7, repair(5, vec![(0, Some(Bytes::from(merged.clone())))]));
+        assert_eq!(stored(&store, 0).expect("repaired"), Some(Bytes::from(merged)));
+        // Partial zero over a damaged block: also kept, never zero-filled.
+        apply_at(
+            &store,
+            &mut st,
+            8,
+            ShardRequest::Zero { volume: VolumeId(5), epoch: 1, offset: 4096 + 10, len: 10, punch: false },
+        );
+        assert!(matches!(stored(&store, 1), Err(StorageError::Corrupt { .. })));
+        assert_eq!(st.kept_corrupt, 8);
+        // A whole-block write replaces the damage.
+        apply_at(
+            &store,
+            &mut st,
+            9,
+            ShardRequest::Write { volume: VolumeId(5), epoch: 1, offset: 4096, data: block_of(3) },
+        );
+        assert_eq!(stored(&store, 1).expect("rewritten"), Some(block_of(3)));
     }
 }

@@ -22,6 +22,8 @@
 pub mod apply;
 pub mod codec;
 mod error;
+#[cfg(feature = "faults")]
+pub mod faults;
 pub mod log_store;
 pub mod log_writer;
 pub mod meta;

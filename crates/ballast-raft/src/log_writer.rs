@@ -171,6 +171,13 @@ fn run<L: LogStore>(store: &L, rx: mpsc::Receiver<Op>, stats: &WriterStats) {
             dones.push((op.done, op.submitted));
         }
         let started = Instant::now();
+        #[cfg(feature = "faults")]
+        {
+            let slow = crate::faults::disk_delay();
+            if !slow.is_zero() {
+                std::thread::sleep(slow);
+            }
+        }
         let result = store.write(batch, sync).map_err(|e| {
             tracing::error!(error = %e, "raft log batch failed");
             WriteFailed(Arc::new(e))

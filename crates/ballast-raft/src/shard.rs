@@ -9,9 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_storage::{BlockStore, LogStore, Segment, VolumeView};
+use ballast_storage::{BlockStore, LogStore, Segment, StorageError, VolumeView};
 use ballast_types::{Geometry, ShardId, VolumeId};
+use bytes::Bytes;
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
+use openraft::raft::TransferLeaderRequest;
 use openraft::{Raft, ReadPolicy, SnapshotPolicy};
 
 use crate::error::ShardError;
@@ -19,7 +21,20 @@ use crate::log_store::ShardLogStore;
 use crate::log_writer::LogWriter;
 use crate::network::{ShardNetworkFactory, Transport};
 use crate::state_machine::ShardStateMachine;
-use crate::types::{BallastNode, GroupId, NodeId, ShardRequest, ShardResponse, TypeConfig};
+use crate::types::{
+    BallastNode, BlockCopy, BlockRef, FetchedBlocks, GroupId, NodeId, RepairBlock, RepairCause, ShardRequest,
+    ShardResponse, TypeConfig,
+};
+
+/// What [`ShardGroup::read_checked`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RangeRead {
+    /// Every stored block passed its checksum.
+    Data(Vec<Segment>),
+    /// These blocks (by block number in the volume) fail their checksum on
+    /// this replica; it had applied `applied` when it saw them.
+    Damaged { applied: u64, blocks: Vec<u64> },
+}
 
 /// A group's membership as one replica sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +190,13 @@ impl<S: BlockStore> ShardGroup<S> {
         }
     }
 
+    /// The address of every voter, as this replica's membership records it.
+    pub fn voter_addrs(&self) -> BTreeMap<NodeId, String> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let config = m.membership_config.membership();
+        config.voter_ids().filter_map(|id| config.get_node(&id).map(|n| (id, n.addr.clone()))).collect()
+    }
+
     /// Add each of `nodes` that is neither a voter nor a learner as a learner
     /// (leader only). Returns at once; the leader then brings each up to date
     /// through the log or a snapshot streamed in pages. Watch
@@ -206,6 +228,48 @@ impl<S: BlockStore> ShardGroup<S> {
         }
         self.raft.change_membership(voters, false).await.map_err(|e| self.management(e))?;
         Ok(())
+    }
+
+    /// Hand this group's leadership to the voter `to` (leader only): the
+    /// leader stops proposing and drops its lease, and returns the request
+    /// to deliver to `to` ([`Self::take_leadership`] there), which then
+    /// campaigns at once. Until `to` wins (or the old leader's election
+    /// timeout passes) writes get `NotLeader` and are retried by clients.
+    pub async fn transfer_leadership(&self, to: NodeId) -> Result<TransferLeaderRequest<TypeConfig>, ShardError> {
+        let group = self.spec.group;
+        let now = self.membership();
+        if !now.leading {
+            let leader = self.leader();
+            return Err(ShardError::NotLeader {
+                group,
+                leader: leader.as_ref().map(|(id, _)| *id),
+                addr: leader.map(|(_, n)| n.addr),
+            });
+        }
+        if to == self.spec.node || !now.voters.contains(&to) || now.joint {
+            return Err(ShardError::Rejected { group, reason: format!("node {to} is not another settled voter") });
+        }
+        let fatal = |e: &dyn std::fmt::Display| ShardError::Unavailable { group, reason: e.to_string() };
+        let (vote, last) = self
+            .raft
+            .with_raft_state(|st| (*st.vote_ref(), st.log_ids.last().cloned()))
+            .await
+            .map_err(|e| fatal(&e))?;
+        self.raft.trigger().transfer_leader(to).await.map_err(|e| fatal(&e))?;
+        Ok(TransferLeaderRequest::new(vote, to, last))
+    }
+
+    /// Take the leadership the current leader offers with `req` (made by
+    /// [`Self::transfer_leadership`] on it): campaign at once if this
+    /// replica's log holds the leader's last entry (it waits for its own
+    /// flush of it).
+    pub async fn take_leadership(&self, req: TransferLeaderRequest<TypeConfig>) -> Result<(), ShardError> {
+        let group = self.spec.group;
+        match self.raft.handle_transfer_leader(req).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ShardError::Rejected { group, reason: e.to_string() }),
+            Err(e) => Err(ShardError::Unavailable { group, reason: e.to_string() }),
+        }
     }
 
     fn management(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ShardError {
@@ -272,6 +336,116 @@ impl<S: BlockStore> ShardGroup<S> {
         });
         let group = self.spec.group;
         Ok(read.await.map_err(|e| ShardError::Unavailable { group, reason: e.to_string() })??)
+    }
+
+    /// This replica's last applied log index (0 before anything was applied).
+    pub fn applied_index(&self) -> u64 {
+        self.raft.metrics().borrow_watched().last_applied.map_or(0, |l| l.index)
+    }
+
+    /// Wait at most `timeout` until this replica has applied `index`;
+    /// returns the applied index then. Not there in time: `Unavailable`
+    /// (retryable: the replica is behind, it may catch up).
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<u64, ShardError> {
+        let group = self.spec.group;
+        match self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "wait applied").await {
+            Ok(m) => Ok(m.last_applied.map_or(0, |l| l.index)),
+            Err(e) => Err(ShardError::Unavailable {
+                group,
+                reason: format!("replica has applied {} of {index} ({e})", self.applied_index()),
+            }),
+        }
+    }
+
+    /// A linearizable read like [`Self::read`] that names the blocks whose
+    /// stored value fails its checksum instead of failing on them, with the
+    /// applied index the damage was seen at (a healthy copy from a replica
+    /// that has applied at least that much answers the read linearizably).
+    pub async fn read_checked(&self, volume: VolumeId, offset: u64, len: u64) -> Result<RangeRead, ShardError> {
+        self.linearize().await?;
+        let (store, shard, group) = (self.store.clone(), self.spec.shard, self.spec.group);
+        let join = |e: tokio::task::JoinError| ShardError::Unavailable { group, reason: e.to_string() };
+        for _ in 0..2 {
+            let s = store.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                VolumeView::new(&*s, shard, volume, Geometry::default()).read(offset, len)
+            });
+            match read.await.map_err(join)? {
+                Ok(segments) => return Ok(RangeRead::Data(segments)),
+                Err(StorageError::Corrupt { .. } | StorageError::Malformed { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let applied = self.applied_index();
+            let s = store.clone();
+            let find = tokio::task::spawn_blocking(move || {
+                VolumeView::new(&*s, shard, volume, Geometry::default()).corrupt_blocks(offset, len)
+            });
+            let damaged = find.await.map_err(join)??;
+            if !damaged.is_empty() {
+                let geometry = Geometry::default();
+                let blocks = damaged.iter().map(|k| geometry.block_no(k)).collect();
+                return Ok(RangeRead::Damaged { applied, blocks });
+            }
+            // Rewritten meanwhile: read again.
+        }
+        Err(ShardError::Unavailable { group, reason: "damaged blocks kept changing under a read".into() })
+    }
+
+    /// Read `[offset, offset+len)` with `patch` (block number → healthy copy,
+    /// `None`: a hole) standing in for this replica's damaged blocks, after a
+    /// [`Self::read_checked`] that reported them. Blocks rewritten since are
+    /// read from the store (see `VolumeView::read_patched`).
+    pub async fn read_patched(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        patch: BTreeMap<u64, Option<Bytes>>,
+    ) -> Result<Vec<Segment>, ShardError> {
+        let (store, shard, group) = (self.store.clone(), self.spec.shard, self.spec.group);
+        let read = tokio::task::spawn_blocking(move || {
+            VolumeView::new(&*store, shard, volume, Geometry::default()).read_patched(offset, len, &patch)
+        });
+        Ok(read.await.map_err(|e| ShardError::Unavailable { group, reason: e.to_string() })??)
+    }
+
+    /// This replica's copies of `blocks`, each verified, read after it had
+    /// applied the returned index (for a peer's `FetchBlocks`; any replica).
+    pub async fn copies(&self, blocks: Vec<BlockRef>) -> Result<FetchedBlocks, ShardError> {
+        let applied = self.applied_index();
+        let (store, shard, group) = (self.store.clone(), self.spec.shard, self.spec.group);
+        let read = tokio::task::spawn_blocking(move || -> Result<Vec<BlockCopy>, StorageError> {
+            let geometry = Geometry::default();
+            let mut out = Vec::with_capacity(blocks.len());
+            for b in blocks {
+                let key = geometry.key(shard, VolumeId(b.volume), b.block);
+                out.push(match store.get(&key) {
+                    Ok(Some(data)) => BlockCopy::Data(data),
+                    Ok(None) => BlockCopy::Absent,
+                    Err(StorageError::Corrupt { .. } | StorageError::Malformed { .. }) => BlockCopy::Corrupt,
+                    Err(e) => return Err(e),
+                });
+            }
+            Ok(out)
+        });
+        let copies = read.await.map_err(|e| ShardError::Unavailable { group, reason: e.to_string() })??;
+        Ok(FetchedBlocks { applied, copies })
+    }
+
+    /// Propose a [`ShardRequest::Repair`] of `blocks` of `volume` (leader
+    /// only); returns the entry's log index once it is applied here.
+    pub async fn repair(
+        &self,
+        volume: VolumeId,
+        as_of: u64,
+        cause: RepairCause,
+        blocks: Vec<RepairBlock>,
+    ) -> Result<u64, ShardError> {
+        let (index, resp) = self.write_at(ShardRequest::Repair { volume, as_of, cause, blocks }).await?;
+        match resp {
+            ShardResponse::Done => Ok(index),
+            other => Err(ShardError::Rejected { group: self.spec.group, reason: format!("repair refused: {other:?}") }),
+        }
     }
 
     /// Linearizable allocation map of `[offset, offset+len)` (`(length, allocated)` runs).

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ballast_storage::{BlockStore, Durability, StorageError, WriteBatch};
-use ballast_types::{ShardId, VolumeId};
+use ballast_types::ShardId;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 
@@ -41,7 +41,8 @@ struct SnapshotRecord {
 struct SmState {
     applied: Option<LogId>,
     membership: StoredMembership,
-    epochs: BTreeMap<VolumeId, u64>,
+    /// Fencing epochs and the `kept_corrupt` mark (see [`crate::apply`]).
+    apply: apply::ApplyState,
     snapshot: Option<SnapshotRecord>,
 }
 
@@ -142,7 +143,11 @@ fn load_state<S: BlockStore>(store: &S, shard: ShardId) -> io::Result<SmState> {
         let epoch = <[u8; 8]>::try_from(v.as_slice()).map_err(|_| io_err("malformed epoch value"))?;
         epochs.insert(volume, u64::from_be_bytes(epoch));
     }
-    Ok(SmState { applied, membership, epochs, snapshot })
+    let kept_corrupt = match get(keys::kept_corrupt(shard))? {
+        Some(v) => u64::from_be_bytes(<[u8; 8]>::try_from(v.as_slice()).map_err(|_| io_err("malformed mark"))?),
+        None => 0,
+    };
+    Ok(SmState { applied, membership, apply: apply::ApplyState { epochs, kept_corrupt }, snapshot })
 }
 
 /// Replace the shard's data and state with `snap` (file-backed), in bounded
@@ -235,7 +240,8 @@ fn apply_entries<S: BlockStore>(
                 if apply::reads_store(req) && !batch.is_empty() {
                     flush(&mut batch, &st, &mut membership_changed)?;
                 }
-                Some(apply::plan(store, shard, &mut st.epochs, req, &mut batch).map_err(storage)?)
+                let index = entry.log_id.index;
+                Some(apply::plan(store, shard, &mut st.apply, index, req, &mut batch).map_err(storage)?)
             }
         };
         st.applied = Some(entry.log_id);
@@ -302,7 +308,7 @@ impl<S: BlockStore> RaftStateMachine<TypeConfig> for ShardStateMachine<S> {
         });
         let st = lock(&self.state);
         let meta = SnapshotMeta { last_log_id: st.applied, last_membership: st.membership.clone() };
-        let epochs = st.epochs.iter().map(|(v, e)| (v.0, *e)).collect();
+        let epochs = st.apply.epochs.iter().map(|(v, e)| (v.0, *e)).collect();
         ShardSnapshotBuilder {
             store: self.store.clone(),
             shard: self.shard,

@@ -60,11 +60,99 @@ pub enum ShardRequest {
     },
     /// Changes nothing; commits a barrier.
     Noop,
+    /// Put back blocks of `volume` that failed their checksum on some
+    /// replica, with copies read from a healthy replica at applied index
+    /// `as_of` or later (see [`crate::apply`] for why this is safe). Each
+    /// replica writes a block only where its own stored value fails its
+    /// checksum; replicas holding a good value leave it alone. `data: None`
+    /// means the healthy copy is a hole (the damaged value is deleted).
+    Repair {
+        #[serde(with = "volume_id")]
+        volume: VolumeId,
+        as_of: u64,
+        cause: RepairCause,
+        blocks: Vec<RepairBlock>,
+    },
     /// A change to the cluster map: meta group (group 0) only; a shard
     /// answers `Invalid`. The meta state machine answers `Done` and hands
     /// the command's [`crate::meta::MetaReply`] to the local proposer (see
     /// [`crate::meta::MetaGroup::propose`]).
     Meta(crate::meta::MetaCommand),
+}
+
+/// Why a [`ShardRequest::Repair`] was proposed (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RepairCause {
+    /// A client read on the leader met a damaged block.
+    Read,
+    /// A scrub pass on some replica found a damaged block.
+    Scrub,
+}
+
+impl RepairCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepairCause::Read => "read",
+            RepairCause::Scrub => "scrub",
+        }
+    }
+}
+
+/// One block of a [`ShardRequest::Repair`], by block number in the volume
+/// (shard replicas use the default geometry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairBlock {
+    pub block: u64,
+    pub data: Option<Bytes>,
+}
+
+/// A block of a shard, named by volume and block number (node to node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BlockRef {
+    pub volume: u64,
+    pub block: u64,
+}
+
+/// Node to node (`Raft.FetchBlocks`): verified copies of blocks, from a
+/// replica that has applied at least `min_applied`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchBlocks {
+    pub blocks: Vec<BlockRef>,
+    pub min_applied: u64,
+}
+
+/// One replica's copy of a block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockCopy {
+    Data(Bytes),
+    /// A hole: the block is not allocated.
+    Absent,
+    /// This replica's copy fails its checksum too.
+    Corrupt,
+}
+
+/// The answer to [`FetchBlocks`]: one copy per asked block, in order, read
+/// after the replica had applied `applied` (≥ `min_applied`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchedBlocks {
+    pub applied: u64,
+    pub copies: Vec<BlockCopy>,
+}
+
+/// Node to node (`Raft.RepairBlocks`, to a shard's leader): these blocks
+/// failed their checksum on the asking replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairBlocks {
+    pub blocks: Vec<BlockRef>,
+}
+
+/// The leader's answer to [`RepairBlocks`]: `index` is the log index of the
+/// last repair entry it committed (0: none was needed); `unrepairable`
+/// lists blocks no voter holds a healthy copy of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairedBlocks {
+    pub index: u64,
+    pub unrepairable: Vec<BlockRef>,
 }
 
 /// `VolumeId` lives in `ballast-types`, which has no serde: encode it as its u64.
@@ -91,6 +179,9 @@ impl fmt::Display for ShardRequest {
             }
             Self::DeleteVolume { volume } => write!(f, "DeleteVolume({volume})"),
             Self::Noop => f.write_str("Noop"),
+            Self::Repair { volume, as_of, cause, blocks } => {
+                write!(f, "Repair({volume}, as_of={as_of}, {}, blocks={})", cause.as_str(), blocks.len())
+            }
             Self::Meta(cmd) => write!(f, "Meta({cmd:?})"),
         }
     }

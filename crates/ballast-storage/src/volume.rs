@@ -63,7 +63,66 @@ impl<'a, S: BlockStore> VolumeView<'a, S> {
         }
         let first = offset / BLOCK_SIZE as u64;
         let end = (offset + len).div_ceil(BLOCK_SIZE as u64);
-        let mut blocks = self.load(first, end)?.into_iter().peekable();
+        let blocks = self.load(first, end)?;
+        Ok(self.assemble(offset, len, blocks))
+    }
+
+    /// Keys of the allocated blocks of `[offset, offset+len)` whose stored
+    /// value fails its checksum (or cannot be decoded). Reads every block.
+    pub fn corrupt_blocks(&self, offset: u64, len: u64) -> Result<Vec<BlockKey>, StorageError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let first = offset / BLOCK_SIZE as u64;
+        let end = (offset + len).div_ceil(BLOCK_SIZE as u64);
+        let mut bad = Vec::new();
+        for key in self.store.allocated(&self.block_range(first, end), (end - first) as usize)? {
+            match self.store.get(&key) {
+                Ok(_) => {}
+                Err(StorageError::Corrupt { .. } | StorageError::Malformed { .. }) => bad.push(key),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(bad)
+    }
+
+    /// [`Self::read`], with the blocks in `patch` (by block number; `None`:
+    /// a hole) standing in for stored blocks that fail their checksum. A
+    /// patched block whose stored value is intact by now (rewritten since the
+    /// patch was taken) is read from the store: the store is never older.
+    /// A block that fails its checksum and has no patch fails the read.
+    pub fn read_patched(
+        &self,
+        offset: u64,
+        len: u64,
+        patch: &std::collections::BTreeMap<u64, Option<Bytes>>,
+    ) -> Result<Vec<Segment>, StorageError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let first = offset / BLOCK_SIZE as u64;
+        let end = (offset + len).div_ceil(BLOCK_SIZE as u64);
+        let mut blocks = Vec::new();
+        for key in self.store.allocated(&self.block_range(first, end), (end - first) as usize)? {
+            let n = self.geometry.block_no(&key);
+            match self.store.get(&key) {
+                Ok(Some(b)) => blocks.push((n, b)),
+                Ok(None) => {}
+                Err(e @ (StorageError::Corrupt { .. } | StorageError::Malformed { .. })) => match patch.get(&n) {
+                    Some(Some(b)) => blocks.push((n, b.clone())),
+                    Some(None) => {}
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.assemble(offset, len, blocks))
+    }
+
+    /// Data runs and holes of `[offset, offset+len)` from the allocated
+    /// `blocks` (by block number, in order).
+    fn assemble(&self, offset: u64, len: u64, blocks: Vec<(u64, Bytes)>) -> Vec<Segment> {
+        let mut blocks = blocks.into_iter().peekable();
         let mut out: Vec<Segment> = Vec::new();
         let mut run = BytesMut::new();
         for p in self.geometry.pieces(offset, len) {
@@ -87,7 +146,7 @@ impl<'a, S: BlockStore> VolumeView<'a, S> {
         if !run.is_empty() {
             out.push(Segment::Data(run.freeze()));
         }
-        Ok(out)
+        out
     }
 
     /// The batch that writes `data` at `offset` (read-modify-write at the edges).
@@ -106,10 +165,62 @@ impl<'a, S: BlockStore> VolumeView<'a, S> {
         Ok(batch)
     }
 
+    /// [`Self::write`] for a replica that must not stop on a damaged block: a
+    /// piece smaller than a block whose stored block fails its checksum is
+    /// left out (the block stays as it is, so it keeps failing its checksum
+    /// and is never read as data) and its key returned. Whole blocks are
+    /// written as usual, which replaces a damaged value.
+    pub fn write_keeping_corrupt(
+        &self,
+        offset: u64,
+        data: &Bytes,
+    ) -> Result<(WriteBatch, Vec<BlockKey>), StorageError> {
+        let mut batch = WriteBatch::new();
+        let mut kept = Vec::new();
+        for p in self.geometry.pieces(offset, data.len() as u64) {
+            let piece = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
+            if p.is_full() {
+                batch.put(self.key(p.block_no), piece);
+            } else {
+                let Some(mut block) = self.current_unless_corrupt(p.block_no)? else {
+                    kept.push(self.key(p.block_no));
+                    continue;
+                };
+                block[p.in_block as usize..(p.in_block + p.len) as usize].copy_from_slice(&piece);
+                batch.put(self.key(p.block_no), block.freeze());
+            }
+        }
+        Ok((batch, kept))
+    }
+
     /// The batch that makes `[offset, offset+len)` read as zeros. With `punch`,
     /// whole blocks are deallocated; without it they are written as zeros and
     /// stay allocated (`NO_HOLE`).
     pub fn zero(&self, offset: u64, len: u64, punch: bool) -> Result<WriteBatch, StorageError> {
+        let (batch, kept) = self.zero_inner(offset, len, punch, false)?;
+        debug_assert!(kept.is_empty());
+        Ok(batch)
+    }
+
+    /// [`Self::zero`] that leaves damaged blocks under partial pieces as they
+    /// are and returns their keys (see [`Self::write_keeping_corrupt`]).
+    pub fn zero_keeping_corrupt(
+        &self,
+        offset: u64,
+        len: u64,
+        punch: bool,
+    ) -> Result<(WriteBatch, Vec<BlockKey>), StorageError> {
+        self.zero_inner(offset, len, punch, true)
+    }
+
+    fn zero_inner(
+        &self,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        keep_corrupt: bool,
+    ) -> Result<(WriteBatch, Vec<BlockKey>), StorageError> {
+        let mut kept = Vec::new();
         let mut batch = WriteBatch::new();
         let mut full_run: Option<(u64, u64)> = None;
         let flush_run = |batch: &mut WriteBatch, run: Option<(u64, u64)>| {
@@ -137,7 +248,14 @@ impl<'a, S: BlockStore> VolumeView<'a, S> {
                 continue;
             }
             let key = self.key(p.block_no);
-            match self.store.get(&key)? {
+            let existing = match self.store.get(&key) {
+                Err(StorageError::Corrupt { .. } | StorageError::Malformed { .. }) if keep_corrupt => {
+                    kept.push(key);
+                    continue;
+                }
+                other => other?,
+            };
+            match existing {
                 // Zeroing part of a hole changes nothing unless it must be allocated.
                 None if punch => {}
                 existing => {
@@ -151,7 +269,7 @@ impl<'a, S: BlockStore> VolumeView<'a, S> {
             }
         }
         flush_run(&mut batch, full_run);
-        Ok(batch)
+        Ok((batch, kept))
     }
 
     /// Allocation of `[offset, offset+len)` as `(length, allocated)` runs.
@@ -183,6 +301,15 @@ impl<'a, S: BlockStore> VolumeView<'a, S> {
             Some(b) => BytesMut::from(&b[..]),
             None => BytesMut::zeroed(BLOCK_SIZE as usize),
         })
+    }
+
+    /// The block's current content; `None` when its stored value is damaged.
+    fn current_unless_corrupt(&self, block_no: u64) -> Result<Option<BytesMut>, StorageError> {
+        match self.current(block_no) {
+            Ok(b) => Ok(Some(b)),
+            Err(StorageError::Corrupt { .. } | StorageError::Malformed { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 

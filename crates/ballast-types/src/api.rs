@@ -19,7 +19,7 @@ mod data;
 pub use cluster::{
     AttachVolume, Attachment, ClusterStatus, CreateVolume, DetachVolume, DiskInfo, FailureDomain, InitCluster,
     InitClusterReply, JoinNode, JoinNodeReply, NodeAddr, NodeInfo, NodeStats, PlacementMap, PlacementReply, PoolInfo,
-    PoolSpec, RebuildProgress, ResizeVolume, ShardInfo, ShardStatus, VolumeInfo, VolumeIo,
+    PoolSpec, RebuildProgress, RebuildStream, ResizeVolume, ScrubReport, ShardInfo, ShardStatus, VolumeInfo, VolumeIo,
 };
 pub use data::{
     validate_extents, BlockStatusRequest, DataRequest, Extent, NodeHello, RaftEnvelope, RaftRequest, RangeRequest,

@@ -16,10 +16,10 @@ pub use api::{
     CreateVolume, DataError, DataRequest, DetachVolume, DiskInfo, Epoch, ErrorCode, Extent, FailureDomain, GroupId,
     InitCluster, InitClusterReply, JoinNode, JoinNodeReply, LeaderHint, MapVersion, NodeAddr, NodeHello, NodeId,
     NodeInfo, NodeStats, PlacementMap, PlacementReply, PoolId, PoolInfo, PoolSpec, RaftEnvelope, RaftRequest,
-    RangeRequest, ReadData, ReadRequest, ReadSegment, RebuildProgress, ResizeVolume, SegmentBody, ShardInfo,
-    ShardStatus, SnapshotChunk, SnapshotStart, ValidationError, VolumeInfo, VolumeIo, WriteRequest, ZeroRequest,
-    MAX_ADDR_LEN, MAX_CHUNK_SIZE, MAX_IO_LEN, MAX_META_MEMBERS, MAX_NAME_LEN, MAX_RANGE_LEN, MAX_REPLICAS, MAX_SHARDS,
-    MAX_TOKEN_LEN, MAX_VOLUME_SIZE, MIN_CHUNK_SIZE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    RangeRequest, ReadData, ReadRequest, ReadSegment, RebuildProgress, RebuildStream, ResizeVolume, ScrubReport,
+    SegmentBody, ShardInfo, ShardStatus, SnapshotChunk, SnapshotStart, ValidationError, VolumeInfo, VolumeIo,
+    WriteRequest, ZeroRequest, MAX_ADDR_LEN, MAX_CHUNK_SIZE, MAX_IO_LEN, MAX_META_MEMBERS, MAX_NAME_LEN, MAX_RANGE_LEN,
+    MAX_REPLICAS, MAX_SHARDS, MAX_TOKEN_LEN, MAX_VOLUME_SIZE, MIN_CHUNK_SIZE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use checksum::{crc32c, Checksummed};
 pub use error::Retryable;

@@ -657,6 +657,44 @@ impl ClusterMap {
         RepairPlan { moves, stuck }
     }
 
+    /// Shards whose voters are changing now (a repair, a drain or a
+    /// rebalance in flight).
+    pub fn moves_in_flight(&self) -> usize {
+        self.shards.values().filter(|s| !s.joining.is_empty()).count()
+    }
+
+    /// Replica moves that even out replica counts (a node joined or came
+    /// back empty), as `(shard, voters)` for `MetaCommand::MoveShard`: none
+    /// while a repair is due (a node down or draining still holds voters),
+    /// and at most `max_in_flight` moves of any kind under way at once. See
+    /// [`placement::plan_rebalance`].
+    pub fn rebalance_moves(&self, max_in_flight: usize) -> Vec<(u32, Vec<u64>)> {
+        let budget = max_in_flight.saturating_sub(self.moves_in_flight());
+        if budget == 0 || !self.repair_moves().moves.is_empty() {
+            return Vec::new();
+        }
+        placement::plan_rebalance(&self.node_slots(), &self.pool_infos(), &self.shard_infos(), budget)
+            .into_iter()
+            .map(|m| (m.shard.0, m.voters.iter().map(|v| v.0).collect()))
+            .collect()
+    }
+
+    /// Leadership transfers that even out leaders per node, given who leads
+    /// each shard now (`shard → node`). None while any move is in flight (a
+    /// group changing its voters is left alone). See
+    /// [`placement::plan_leader_moves`].
+    pub fn leader_moves(&self, leaders: &BTreeMap<u32, u64>, budget: usize) -> Vec<placement::LeaderMove> {
+        if self.moves_in_flight() > 0 {
+            return Vec::new();
+        }
+        let leaders: BTreeMap<ShardId, NodeId> = leaders
+            .iter()
+            .filter(|(s, _)| self.shards.contains_key(s))
+            .map(|(s, n)| (ShardId(*s), NodeId(*n)))
+            .collect();
+        placement::plan_leader_moves(&self.node_slots(), &self.shard_infos(), &leaders, budget)
+    }
+
     fn add_node(&mut self, node: &MetaNode) -> Result<(), ApiError> {
         node.info().validate()?;
         if node.id == 0 {
@@ -909,6 +947,52 @@ mod tests {
         assert!(!m.nodes.contains_key(&3) && m.version == v + 1);
         m.apply(&MetaCommand::RemoveNode { node: 3 }).expect("removing again is a no-op");
         m.placement().validate().expect("valid");
+    }
+
+    #[test]
+    fn a_joined_node_gets_replicas_a_few_moves_at_a_time_after_repairs() {
+        let mut m = init(3);
+        assert!(m.rebalance_moves(2).is_empty(), "three nodes hold every shard");
+        m.apply(&MetaCommand::AddNode { node: node(4) }).expect("join");
+        let moves = m.rebalance_moves(2);
+        assert_eq!(moves.len(), 2, "{moves:?}");
+        for (shard, voters) in &moves {
+            assert!(voters.contains(&4) && voters.len() == 3, "{shard}: {voters:?}");
+            m.apply(&MetaCommand::MoveShard { shard: *shard, voters: voters.clone() }).expect("move");
+            assert_eq!(m.shards[shard].joining, vec![4]);
+        }
+        assert!(m.rebalance_moves(2).is_empty(), "two moves in flight already");
+        assert!(m.leader_moves(&BTreeMap::new(), 1).is_empty(), "no leader moves while voters change");
+        for (shard, voters) in &moves {
+            m.apply(&MetaCommand::ShardMoved { shard: *shard, voters: voters.clone() }).expect("moved");
+        }
+        let mut rounds = 0;
+        loop {
+            let moves = m.rebalance_moves(2);
+            if moves.is_empty() {
+                break;
+            }
+            for (shard, voters) in moves {
+                m.apply(&MetaCommand::MoveShard { shard, voters: voters.clone() }).expect("move");
+                m.apply(&MetaCommand::ShardMoved { shard, voters }).expect("moved");
+            }
+            rounds += 1;
+            assert!(rounds < 20, "rebalancing does not settle");
+        }
+        let mut counts = BTreeMap::<u64, usize>::new();
+        for s in m.shards.values() {
+            for v in &s.voters {
+                *counts.entry(*v).or_default() += 1;
+            }
+        }
+        let (max, min) = (counts.values().max().copied(), counts.values().min().copied());
+        assert!(counts.len() == 4 && max.zip(min).is_some_and(|(a, b)| a - b <= 1), "{counts:?}");
+        m.placement().validate().expect("valid");
+        // A down node holding voters: its repair comes first, no rebalance.
+        m.apply(&MetaCommand::SetNodeState { node: 4, up: false }).expect("down");
+        m.apply(&MetaCommand::AddNode { node: node(5) }).expect("join");
+        assert!(!m.repair_moves().moves.is_empty());
+        assert!(m.rebalance_moves(2).is_empty());
     }
 
     #[test]

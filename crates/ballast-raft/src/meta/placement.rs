@@ -270,6 +270,154 @@ fn with_lost(promoted: &[NodeId], lost: &[NodeId], n: &NodeId, added: &[NodeId])
     v
 }
 
+/// One rebalancing step: `shard`'s voters become `voters` (through
+/// `MetaCommand::MoveShard`, like a repair).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebalance {
+    pub shard: ShardId,
+    pub voters: Vec<NodeId>,
+}
+
+/// Replica moves that even out replica counts across the eligible nodes
+/// (up, not draining, with a disk), at most `budget` of them, each shard at
+/// most once. A move takes a replica from a node holding at least two more
+/// than another and gives it to that node, keeping voters distinct and the
+/// pool's failure domain; the widest gap goes first, and once no such move
+/// exists the plan ends (with node failure domains that means max − min ≤ 1).
+/// Shards with joining voters or a voter on a node that is not eligible are
+/// left alone (a repair or another move owns them). A one-replica shard
+/// moves in two steps: it gains the new voter first, and a later plan drops
+/// the old one (any shard with more voters than its pool's replicas loses
+/// the voter on its most loaded node, before anything else moves).
+/// Deterministic.
+pub fn plan_rebalance(
+    nodes: &[NodeSlot],
+    pools: &BTreeMap<PoolId, PoolInfo>,
+    shards: &BTreeMap<ShardId, ShardInfo>,
+    budget: usize,
+) -> Vec<Rebalance> {
+    let candidates = eligible(nodes, &BTreeSet::new());
+    let by_id: BTreeMap<NodeId, &NodeSlot> = candidates.iter().map(|n| (n.id, *n)).collect();
+    let mut load: BTreeMap<NodeId, u32> = by_id.keys().map(|id| (*id, 0)).collect();
+    for s in shards.values() {
+        for v in &s.voters {
+            if let Some(c) = load.get_mut(v) {
+                *c += 1;
+            }
+        }
+    }
+    let movable = |s: &ShardInfo| s.joining.is_empty() && s.voters.iter().all(|v| by_id.contains_key(v));
+    let mut out = Vec::new();
+    let mut touched = BTreeSet::new();
+    // Finish two-step moves first: drop the surplus voter.
+    for (id, s) in shards {
+        let replicas = pools.get(&s.pool).map_or(s.voters.len(), |p| p.spec.replicas as usize).max(1);
+        if out.len() >= budget || s.voters.len() <= replicas || !movable(s) {
+            continue;
+        }
+        let Some(drop) = s.voters.iter().copied().max_by_key(|v| (load[v], *v)) else { continue };
+        *load.entry(drop).or_default() -= 1;
+        touched.insert(*id);
+        out.push(Rebalance { shard: *id, voters: s.voters.iter().copied().filter(|v| *v != drop).collect() });
+    }
+    while out.len() < budget {
+        let mut pairs: Vec<(u32, NodeId, NodeId)> = Vec::new();
+        for (d, dl) in &load {
+            for (r, rl) in &load {
+                if *dl >= rl + 2 {
+                    pairs.push((dl - rl, *d, *r));
+                }
+            }
+        }
+        pairs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let found = pairs.iter().find_map(|(_, d, r)| {
+            shards
+                .iter()
+                .filter(|(id, s)| !touched.contains(*id) && movable(s))
+                .filter(|(_, s)| s.voters.contains(d) && !s.voters.contains(r))
+                .find(|(_, s)| {
+                    let fd = pools.get(&s.pool).map_or(FailureDomain::Node, |p| p.spec.failure_domain);
+                    let others: BTreeSet<Domain<'_>> = s
+                        .voters
+                        .iter()
+                        .filter(|v| *v != d)
+                        .filter_map(|v| by_id.get(v))
+                        .map(|n| n.domain(fd))
+                        .collect();
+                    !others.contains(&by_id[r].domain(fd))
+                })
+                .map(|(id, s)| (*id, s, *d, *r))
+        });
+        let Some((id, s, d, r)) = found else { break };
+        let voters: Vec<NodeId> = if s.voters.len() == 1 {
+            vec![d, r]
+        } else {
+            *load.entry(d).or_default() -= 1;
+            s.voters.iter().map(|v| if *v == d { r } else { *v }).collect()
+        };
+        *load.entry(r).or_default() += 1;
+        touched.insert(id);
+        out.push(Rebalance { shard: id, voters });
+    }
+    out
+}
+
+/// One leader-balancing step: ask `shard`'s leader on `from` to hand its
+/// leadership to the voter on `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderMove {
+    pub shard: ShardId,
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
+/// Leadership transfers that even out how many shards each eligible node
+/// leads, at most `budget`, given who leads each shard now (`leaders`;
+/// shards missing from it are not counted). Only a gap of two or more is
+/// acted on, so a balanced cluster (max − min ≤ 1) is left alone and a
+/// transfer never undoes the previous one. The new leader must be a voter
+/// (never a joining one) of the shard. Deterministic.
+pub fn plan_leader_moves(
+    nodes: &[NodeSlot],
+    shards: &BTreeMap<ShardId, ShardInfo>,
+    leaders: &BTreeMap<ShardId, NodeId>,
+    budget: usize,
+) -> Vec<LeaderMove> {
+    let candidates = eligible(nodes, &BTreeSet::new());
+    let mut count: BTreeMap<NodeId, u32> = candidates.iter().map(|n| (n.id, 0)).collect();
+    for l in leaders.values() {
+        if let Some(c) = count.get_mut(l) {
+            *c += 1;
+        }
+    }
+    let mut out = Vec::new();
+    let mut moved = BTreeSet::new();
+    while out.len() < budget {
+        let mut pairs: Vec<(u32, NodeId, NodeId)> = Vec::new();
+        for (f, fc) in &count {
+            for (t, tc) in &count {
+                if *fc >= tc + 2 {
+                    pairs.push((fc - tc, *f, *t));
+                }
+            }
+        }
+        pairs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let found = pairs.iter().find_map(|(_, f, t)| {
+            leaders
+                .iter()
+                .filter(|(id, l)| *l == f && !moved.contains(*id))
+                .find(|(id, _)| shards.get(id).is_some_and(|s| s.voters.contains(t) && !s.joining.contains(t)))
+                .map(|(id, _)| (*id, *f, *t))
+        });
+        let Some((shard, from, to)) = found else { break };
+        *count.entry(from).or_default() -= 1;
+        *count.entry(to).or_default() += 1;
+        moved.insert(shard);
+        out.push(LeaderMove { shard, from, to });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,6 +639,232 @@ mod tests {
             }
             let again = place_shards(&nodes, rule(replicas, fd), ShardId(7), shards, &mut Load::default());
             assert_eq!(Ok(p), again, "deterministic, {ctx}");
+        }
+    }
+
+    /// Apply rebalance plans (each move completing at once) until none is left.
+    fn rebalance_until_done(
+        nodes: &[NodeSlot],
+        pools: &BTreeMap<PoolId, PoolInfo>,
+        shards: &mut BTreeMap<ShardId, ShardInfo>,
+        budget: usize,
+        ctx: &str,
+    ) -> usize {
+        let mut moves = 0;
+        for _ in 0..10_000 {
+            let plan = plan_rebalance(nodes, pools, shards, budget);
+            assert!(plan.len() <= budget, "{ctx}");
+            if plan.is_empty() {
+                return moves;
+            }
+            let ids: BTreeSet<_> = plan.iter().map(|m| m.shard).collect();
+            assert_eq!(ids.len(), plan.len(), "a shard moves once per plan, {ctx}");
+            for m in plan {
+                let s = shards.get_mut(&m.shard).expect("planned shard exists");
+                let kept = m.voters.iter().filter(|v| s.voters.contains(v)).count();
+                assert!(kept >= 1, "a move keeps a complete replica: {m:?}, {ctx}");
+                s.voters = m.voters;
+                moves += 1;
+            }
+        }
+        panic!("rebalancing never settles, {ctx}");
+    }
+
+    fn replica_counts(shards: &BTreeMap<ShardId, ShardInfo>) -> BTreeMap<NodeId, u32> {
+        let mut c = BTreeMap::new();
+        for s in shards.values() {
+            for v in &s.voters {
+                *c.entry(*v).or_default() += 1;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn a_joining_node_gets_replicas_until_counts_are_even() {
+        let mut nodes: Vec<_> = (1..=3).map(|i| node(i, None)).collect();
+        let p = place_shards(&nodes, rule(3, FailureDomain::Node), ShardId(0), 8, &mut Load::default()).unwrap();
+        let mut shards = shard_map(&p, PoolId(1));
+        let pools = BTreeMap::from([(PoolId(1), pool(1, 0, 8, 3, FailureDomain::Node))]);
+        assert!(plan_rebalance(&nodes, &pools, &shards, 4).is_empty(), "3 nodes, 8 each: balanced");
+        nodes.push(node(4, None));
+        let first = plan_rebalance(&nodes, &pools, &shards, 2);
+        assert_eq!(first.len(), 2, "bounded by the budget: {first:?}");
+        assert!(first.iter().all(|m| m.voters.contains(&NodeId(4)) && m.voters.len() == 3), "{first:?}");
+        let moves = rebalance_until_done(&nodes, &pools, &mut shards, 2, "4 nodes");
+        let c = replica_counts(&shards);
+        assert_eq!(c.values().sum::<u32>(), 24);
+        assert!(c.values().all(|n| *n == 6), "{c:?}");
+        assert_eq!(moves, 6, "each move takes one replica to the new node");
+        // A down or draining node never receives.
+        let mut later = nodes.clone();
+        later.push(NodeSlot { up: false, ..node(5, None) });
+        later.push(NodeSlot { disks: 0, ..node(6, None) });
+        assert!(plan_rebalance(&later, &pools, &shards, 4).is_empty());
+    }
+
+    #[test]
+    fn a_single_replica_shard_moves_in_two_steps() {
+        let nodes: Vec<_> = (1..=2).map(|i| node(i, None)).collect();
+        let info = |id: u32| ShardInfo {
+            id: ShardId(id),
+            pool: PoolId(1),
+            voters: vec![NodeId(1)],
+            leader: Some(NodeId(1)),
+            joining: vec![],
+        };
+        let mut shards: BTreeMap<_, _> = (0..2).map(|i| (ShardId(i), info(i))).collect();
+        let pools = BTreeMap::from([(PoolId(1), pool(1, 0, 2, 1, FailureDomain::Node))]);
+        let grow = plan_rebalance(&nodes, &pools, &shards, 1);
+        assert_eq!(grow, vec![Rebalance { shard: ShardId(0), voters: vec![NodeId(1), NodeId(2)] }]);
+        shards.get_mut(&ShardId(0)).unwrap().voters = grow[0].voters.clone();
+        let shrink = plan_rebalance(&nodes, &pools, &shards, 1);
+        assert_eq!(shrink, vec![Rebalance { shard: ShardId(0), voters: vec![NodeId(2)] }]);
+        shards.get_mut(&ShardId(0)).unwrap().voters = shrink[0].voters.clone();
+        assert!(plan_rebalance(&nodes, &pools, &shards, 1).is_empty());
+        // Shards being moved are left alone.
+        let mut busy: BTreeMap<_, _> = (0..2).map(|i| (ShardId(i), info(i))).collect();
+        assert_eq!(plan_rebalance(&nodes, &pools, &busy, 1).len(), 1);
+        for s in busy.values_mut() {
+            s.joining = vec![NodeId(1)];
+        }
+        assert!(plan_rebalance(&nodes, &pools, &busy, 1).is_empty());
+    }
+
+    #[test]
+    fn random_clusters_rebalance_evenly_without_breaking_placement_rules() {
+        let seed = seed();
+        let mut rng = StdRng::seed_from_u64(seed);
+        for round in 0..200 {
+            let zones = rng.gen_range(1..=4u32);
+            let n = rng.gen_range(2..=8u64);
+            let mut nodes: Vec<_> = (1..=n)
+                .map(|i| NodeSlot {
+                    id: NodeId(i * 2),
+                    zone: Some(format!("z{}", rng.gen_range(0..zones))),
+                    up: true,
+                    disks: 1,
+                })
+                .collect();
+            // Some nodes join after the pools were placed: they start empty.
+            let joined = rng.gen_range(1..=n as usize);
+            let (mut pools, mut shards) = (BTreeMap::new(), BTreeMap::new());
+            let mut load = Load::default();
+            let mut first = 0;
+            for pid in 1..=rng.gen_range(1..=2u32) {
+                let replicas = rng.gen_range(1..=3u32);
+                let fd = if rng.gen_bool(0.5) { FailureDomain::Zone } else { FailureDomain::Node };
+                let count = rng.gen_range(1..=24u32);
+                let Ok(p) = place_shards(&nodes[..joined], rule(replicas, fd), ShardId(first), count, &mut load) else {
+                    continue;
+                };
+                pools.insert(PoolId(pid), pool(pid, first, count, replicas, fd));
+                shards.extend(shard_map(&p, PoolId(pid)));
+                first += count;
+            }
+            if rng.gen_bool(0.2) {
+                let i = rng.gen_range(0..nodes.len());
+                nodes[i].up = false;
+            }
+            let before = shards.clone();
+            let budget = rng.gen_range(1..=3usize);
+            let ctx = format!("seed {seed} round {round}: {nodes:?} {pools:?}");
+            rebalance_until_done(&nodes, &pools, &mut shards, budget, &ctx);
+            let domain_of = |id: &NodeId, fd| nodes.iter().find(|n| n.id == *id).expect("known node").domain(fd);
+            for (id, s) in &shards {
+                let spec = &pools[&s.pool].spec;
+                let distinct: BTreeSet<_> = s.voters.iter().collect();
+                assert_eq!(distinct.len(), s.voters.len(), "two replicas on one node: {s:?}, {ctx}");
+                assert_eq!(s.voters.len(), spec.replicas as usize, "replica count kept: {s:?}, {ctx}");
+                let domains: BTreeSet<_> = s.voters.iter().map(|v| domain_of(v, spec.failure_domain)).collect();
+                assert_eq!(domains.len(), s.voters.len(), "failure domain kept: {s:?}, {ctx}");
+                for v in s.voters.iter().filter(|v| !before[id].voters.contains(v)) {
+                    assert!(nodes.iter().any(|n| n.id == *v && n.up), "{v} is down and received {id}, {ctx}");
+                }
+            }
+            let all_up = nodes.iter().all(|n| n.up);
+            let unconstrained = pools.values().all(|p| p.spec.failure_domain == FailureDomain::Node);
+            if all_up && unconstrained && !shards.is_empty() {
+                let c = replica_counts(&shards);
+                let get = |n: &NodeSlot| c.get(&n.id).copied().unwrap_or(0);
+                let max = nodes.iter().map(get).max().unwrap_or(0);
+                let min = nodes.iter().map(get).min().unwrap_or(0);
+                assert!(max - min <= 1, "max {max} min {min}: {c:?}, {ctx}");
+            }
+        }
+    }
+
+    #[test]
+    fn leaders_even_out_with_hysteresis_and_only_onto_voters() {
+        let nodes: Vec<_> = (1..=3).map(|i| node(i, None)).collect();
+        let p = place_shards(&nodes, rule(3, FailureDomain::Node), ShardId(0), 6, &mut Load::default()).unwrap();
+        let shards = shard_map(&p, PoolId(1));
+        // Node 1 leads everything (say, it was the only node up for a while).
+        let mut leaders: BTreeMap<ShardId, NodeId> = shards.keys().map(|s| (*s, NodeId(1))).collect();
+        let first = plan_leader_moves(&nodes, &shards, &leaders, 1);
+        assert_eq!(first.len(), 1, "bounded: {first:?}");
+        for _ in 0..20 {
+            let plan = plan_leader_moves(&nodes, &shards, &leaders, 2);
+            if plan.is_empty() {
+                break;
+            }
+            for m in plan {
+                assert_eq!(leaders[&m.shard], m.from);
+                assert!(shards[&m.shard].voters.contains(&m.to), "{m:?}");
+                leaders.insert(m.shard, m.to);
+            }
+        }
+        let mut c = BTreeMap::<NodeId, u32>::new();
+        for l in leaders.values() {
+            *c.entry(*l).or_default() += 1;
+        }
+        assert!(c.values().all(|n| *n == 2), "{c:?}");
+        assert!(plan_leader_moves(&nodes, &shards, &leaders, 2).is_empty(), "balanced: nothing moves");
+        // Off by one is balanced enough (2/2/1): nothing moves.
+        let mut fewer = leaders.clone();
+        let one = *fewer.keys().next().unwrap();
+        fewer.remove(&one);
+        assert!(plan_leader_moves(&nodes, &shards, &fewer, 2).is_empty());
+    }
+
+    #[test]
+    fn random_leader_plans_converge_and_never_flap() {
+        let seed = seed();
+        let mut rng = StdRng::seed_from_u64(seed);
+        for round in 0..200 {
+            let n = rng.gen_range(2..=6u64);
+            let nodes: Vec<_> = (1..=n).map(|i| node(i, None)).collect();
+            let replicas = rng.gen_range(1..=n.min(3) as u32);
+            let count = rng.gen_range(1..=30u32);
+            let p = place_shards(&nodes, rule(replicas, FailureDomain::Node), ShardId(0), count, &mut Load::default())
+                .unwrap();
+            let shards = shard_map(&p, PoolId(1));
+            let mut leaders: BTreeMap<ShardId, NodeId> =
+                shards.values().map(|s| (s.id, s.voters[rng.gen_range(0..s.voters.len())])).collect();
+            let ctx = format!("seed {seed} round {round}");
+            let mut seen = BTreeSet::new();
+            let mut settled = false;
+            for _ in 0..1000 {
+                let plan = plan_leader_moves(&nodes, &shards, &leaders, 2);
+                if plan.is_empty() {
+                    settled = true;
+                    break;
+                }
+                for m in plan {
+                    assert!(shards[&m.shard].voters.contains(&m.to), "{ctx}");
+                    assert!(seen.insert((m.shard, m.from, m.to)), "a transfer repeats (flapping): {m:?}, {ctx}");
+                    leaders.insert(m.shard, m.to);
+                }
+            }
+            assert!(settled, "{ctx}");
+            if replicas == n as u32 {
+                let mut c: BTreeMap<NodeId, u32> = nodes.iter().map(|n| (n.id, 0)).collect();
+                for l in leaders.values() {
+                    *c.entry(*l).or_default() += 1;
+                }
+                let (max, min) = (c.values().max().unwrap(), c.values().min().unwrap());
+                assert!(max - min <= 1, "every node a voter of every shard: even leaders; {c:?}, {ctx}");
+            }
         }
     }
 }

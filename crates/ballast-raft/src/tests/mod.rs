@@ -2,6 +2,7 @@
 
 mod cluster;
 mod group_commit;
+mod integrity;
 mod meta_cluster;
 mod openraft_suite;
 mod support;

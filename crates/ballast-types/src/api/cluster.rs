@@ -203,6 +203,22 @@ impl RebuildProgress {
     }
 }
 
+/// One replica a shard's leader is building now: the snapshot bytes streamed
+/// to `target` so far against the shard's data on the leader, and the log
+/// entries `target` still lacks. A node reports these in its stats; the
+/// meta leader folds them into [`ShardStatus::rebuilding`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildStream {
+    pub shard: ShardId,
+    pub target: NodeId,
+    pub progress: RebuildProgress,
+    /// Log entries the target lacks; 0 when caught up or not known yet.
+    pub entries_behind: u64,
+    /// A snapshot has been (or is being) streamed to the target; `false`:
+    /// it catches up by log replay only.
+    pub snapshot: bool,
+}
+
 /// Data requests served for one volume since the serving nodes started:
 /// counters that only grow (a restarted node's share starts again at zero).
 /// Only successful requests count, once per chunk piece; writes include
@@ -237,6 +253,8 @@ pub struct NodeStats {
     /// Capacity and use now (the map holds them as of the node's join).
     pub disks: Vec<DiskInfo>,
     pub volumes: Vec<VolumeIo>,
+    /// `None` from a node that predates scrub.
+    pub scrub: Option<ScrubReport>,
 }
 
 /// Everything a client needs to route I/O: which shard holds a chunk and who
@@ -405,6 +423,28 @@ pub struct ClusterStatus {
     /// Every volume of the map once, its counters summed over the nodes that
     /// answered (a node that is down contributes nothing).
     pub volume_io: Vec<VolumeIo>,
+    /// Scrub figures of every node that answered with them, by node id.
+    pub scrub: Vec<ScrubReport>,
+}
+
+/// One node's scrub state: passes finished since it started, whether one
+/// runs now, and the figures of the last finished pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ScrubReport {
+    pub node: NodeId,
+    pub passes: u64,
+    pub running: bool,
+    /// When the last pass finished, in milliseconds since the Unix epoch;
+    /// `None` before the first one.
+    pub last_finished_unix_ms: Option<u64>,
+    pub blocks_checked: u64,
+    pub bytes_checked: u64,
+    /// Blocks whose stored value failed its checksum.
+    pub corrupt_found: u64,
+    /// Of those, put back from a healthy replica.
+    pub repaired: u64,
+    /// Of those, not repaired (no healthy copy, or the repair failed).
+    pub unrepaired: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
