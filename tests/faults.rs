@@ -18,7 +18,10 @@
 //! dropped both ways by the `faults` feature); a slow disk (every log batch
 //! of one node delayed); power loss (every node killed at once, restarted);
 //! node loss (a node gone for good: the meta leader marks it down, rebuilds
-//! its replicas elsewhere; a new node takes its place).
+//! its replicas elsewhere; a new node takes its place); bit rot (a node
+//! stopped, every block of the round it holds damaged on its disk,
+//! restarted: reads must never return the damage, and `ballast scrub`
+//! afterwards must find and repair what reads did not, leaving nothing).
 //!
 //! Seeded: the seed is printed; `BALLAST_SEED=<seed> cargo test --features
 //! faults --test faults <fault>` replays a run.
@@ -32,7 +35,8 @@ use std::time::{Duration, Instant};
 use ballast::verify::{read_back, round_blocks, run as run_workload, Recorder, Report, Workload};
 use ballast_client::{AdminClient, ClientConfig, ClusterExports, RemoteVolume};
 use ballast_nbd::ExportProvider;
-use ballast_types::{ClusterStatus, CreateVolume, Geometry};
+use ballast_storage::{RocksConfig, RocksStore};
+use ballast_types::{ClusterStatus, CreateVolume, Geometry, ShardId, VolumeId};
 use common::procs::{NodeProc, BIN};
 use common::{cmd, free_port, run_capture};
 use rand::rngs::StdRng;
@@ -63,6 +67,7 @@ enum Fault {
     SlowDisk,
     PowerLoss,
     NodeLoss,
+    BitRot,
 }
 
 struct Node {
@@ -76,7 +81,10 @@ struct Suite {
     nodes: Vec<Node>,
     /// Nodes ever created (names the next data dir).
     created: usize,
+    /// When the node of a node-loss round was killed, and the shards it held.
+    lost: Option<(Instant, usize)>,
     admin: AdminClient,
+    volume: VolumeId,
     exports: Arc<ClusterExports>,
     dev: Arc<RemoteVolume>,
 }
@@ -119,18 +127,32 @@ impl Suite {
             n.id = status.nodes.iter().find(|i| i.addr == n.proc.addr).expect("node in the map").id.0;
         }
         let req = CreateVolume { name: "faults".into(), size: 1 << 30, pool: "default".into() };
-        admin.create_volume(&req).await.expect("create volume");
+        let volume = admin.create_volume(&req).await.expect("create volume").id;
         let exports = ClusterExports::attach_one(admin.clone(), "faults", false, false, ClientConfig::default())
             .await
             .expect("attach");
         let dev = exports.open("").await.expect("open").expect("served");
-        Self { root, nodes, created: 4, admin, exports, dev }
+        Self { root, nodes, created: 4, lost: None, admin, volume, exports, dev }
     }
 
     fn logs(&self) -> String {
         let short = |l: &str| l.chars().take(300).collect::<String>();
         let tail = |n: &Node| n.proc.log_tail(12).lines().map(short).collect::<Vec<_>>().join("\n");
         self.nodes.iter().map(|n| format!("--- node {} ({}) ---\n{}\n", n.id, n.proc.addr, tail(n))).collect()
+    }
+
+    /// `ballast scrub` on every node, waited for; the damaged blocks it found
+    /// (all repaired, or it fails).
+    fn scrub(&self) -> u64 {
+        let endpoints = nodes_addrs(&self.nodes).join(",");
+        let out = run_capture(
+            &mut cmd(BIN, ["scrub", "--timeout", "5m", "--output", "json", "--endpoints", &endpoints]),
+            SHORT * 5,
+        );
+        assert!(out.status.success(), "ballast scrub: {}\n{}", out.describe(), self.logs());
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("scrub json");
+        assert_eq!(v["unrepaired"].as_u64(), Some(0), "{}", out.stdout);
+        v["corrupt_found"].as_u64().expect("corrupt_found")
     }
 
     /// The shards as the meta leader sees them, one line each.
@@ -192,7 +214,7 @@ impl Suite {
     }
 
     /// Inject `fault`; returns what the heal needs to know.
-    async fn inject(&mut self, fault: Fault, rng: &mut StdRng) -> Option<usize> {
+    async fn inject(&mut self, fault: Fault, rng: &mut StdRng, blocks: &[u64]) -> Option<usize> {
         match fault {
             Fault::KillLeader | Fault::KillFollower | Fault::Restart | Fault::Partition => {
                 let (leader, follower) = self.leader_and_follower(rng).await;
@@ -227,10 +249,23 @@ impl Suite {
                 }
                 None
             }
+            Fault::BitRot => {
+                // Stop a node, damage every block of this round it holds, restart it.
+                let victim = rng.gen_range(0..self.nodes.len());
+                self.nodes[victim].proc.stop();
+                let damaged = corrupt(&self.nodes[victim].proc.dir, self.volume, blocks);
+                eprintln!("  node {}: {damaged} stored blocks damaged", self.nodes[victim].id);
+                self.nodes[victim].proc.start();
+                Some(victim)
+            }
             Fault::NodeLoss => {
                 let pick = self.data_only();
                 let victim = pick[rng.gen_range(0..pick.len())];
+                let id = self.nodes[victim].id;
+                let held =
+                    self.status().await.shards.iter().filter(|s| s.shard.voters.iter().any(|v| v.0 == id)).count();
                 self.nodes[victim].proc.kill9();
+                self.lost = Some((Instant::now(), held));
                 Some(victim)
             }
         }
@@ -245,15 +280,16 @@ impl Suite {
             (Fault::SlowDisk, Some(v)) => post_fault(&self.nodes[v].metrics, "disk_delay_ms=0").await,
             (Fault::NodeLoss, Some(v)) => {
                 let lost = self.nodes.remove(v);
-                let started = Instant::now();
-                let addrs = nodes_addrs(&self.nodes);
-                wait_healthy(&self.admin, &addrs).await;
-                let healed = started.elapsed();
+                let (at, held) = self.lost.take().expect("the loss was recorded");
+                let healed = wait_healthy(&self.admin, &nodes_addrs(&self.nodes)).await;
+                let took = at.elapsed();
+                assert!(healed.shards.iter().all(|s| s.shard.voters.len() == 3), "replication factor restored");
                 self.admin.remove_node(ballast_types::NodeId(lost.id)).await.expect("remove the lost node");
                 eprintln!(
-                    "  node {} lost: replicas rebuilt on the others {:.1} s after the loss",
+                    "  node {} lost: its {held} shard replicas rebuilt on the others {:.1} s after the kill \
+                     (marked down after 3 s)",
                     lost.id,
-                    healed.as_secs_f64()
+                    took.as_secs_f64()
                 );
                 self.created += 1;
                 let join = self.nodes.iter().take(3).map(|n| n.proc.addr.clone()).collect::<Vec<_>>().join(",");
@@ -263,6 +299,19 @@ impl Suite {
                 let status = wait_healthy(&self.admin, &nodes_addrs(&self.nodes)).await;
                 let n = self.nodes.last_mut().expect("new node");
                 n.id = status.nodes.iter().find(|i| i.addr == n.proc.addr).expect("new node in the map").id.0;
+                // The newcomer gets replicas until counts are even: wait for
+                // its share, so the next loss takes replicas with it.
+                let id = n.id;
+                let deadline = Instant::now() + Duration::from_secs(120);
+                loop {
+                    let s = wait_healthy(&self.admin, &nodes_addrs(&self.nodes)).await;
+                    let held = s.shards.iter().filter(|s| s.shard.voters.iter().any(|v| v.0 == id)).count();
+                    if held * self.nodes.len() + 3 >= s.shards.len() * 3 {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "node {id} got {held} replicas only\n{}", self.logs());
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
             _ => {}
         }
@@ -271,6 +320,30 @@ impl Suite {
 
 fn nodes_addrs(nodes: &[Node]) -> Vec<String> {
     nodes.iter().map(|n| n.proc.addr.clone()).collect()
+}
+
+/// Damage the stored value of every block of `blocks` (of `volume`) in the
+/// stopped node's store at `dir`, in whichever shard holds it; how many.
+fn corrupt(dir: &Path, volume: VolumeId, blocks: &[u64]) -> usize {
+    let store = {
+        let mut opened = None;
+        common::wait_until("the stopped node's store", SHORT, || {
+            opened =
+                RocksStore::open(dir, &RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 }).ok();
+            opened.is_some()
+        });
+        opened.expect("opened")
+    };
+    let g = Geometry::default();
+    let mut n = 0;
+    for &b in blocks {
+        for shard in 0..64 {
+            if store.corrupt(&g.key(ShardId(shard), volume, b)).expect("corrupt") {
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 /// `POST /faults?QUERY` to a node's metrics listener (feature `faults`).
@@ -349,7 +422,7 @@ async fn run_suite(fault: Fault) {
         };
         let at_fault = rng.gen_range(40..160);
         wait_ops(&rec, at_fault, &suite, "before the fault").await;
-        let victim = suite.inject(fault, &mut rng).await;
+        let victim = suite.inject(fault, &mut rng, &w.blocks).await;
         let at_heal = rec.completed() + if fault == Fault::PowerLoss { 0 } else { rng.gen_range(40..200) };
         wait_ops(&rec, at_heal, &suite, "during the fault").await;
         suite.heal(fault, victim).await;
@@ -376,6 +449,15 @@ async fn run_suite(fault: Fault) {
             suite.logs()
         );
         wait_healthy(&suite.admin, &nodes_addrs(&suite.nodes)).await;
+        if fault == Fault::BitRot {
+            // Reads repaired what they met; a scrub finds and repairs the
+            // rest (it fails on anything it could not repair), and a second
+            // one finds nothing left.
+            let first = suite.scrub();
+            let second = suite.scrub();
+            eprintln!("  scrub: {} damaged blocks found and repaired; then {}", first, second);
+            assert_eq!(second, 0, "damage left after a scrub\n{}", suite.logs());
+        }
     }
     eprintln!(
         "[faults] {fault:?}: {} rounds, {} acknowledged writes and {} reads checked in {:.0} s, nothing lost",
@@ -420,6 +502,11 @@ async fn slow_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn power_loss() {
     run_suite(Fault::PowerLoss).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bit_rot() {
+    run_suite(Fault::BitRot).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

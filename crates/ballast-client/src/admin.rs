@@ -329,9 +329,6 @@ impl AdminClient {
         let deadline = Instant::now() + cfg.request_deadline;
         let mut backoff = Backoff::new(&cfg);
         let mut last = String::from("no attempt");
-        // A plain connection closed under us: a node that requires TLS, or
-        // one that died mid-call. Only a second one in a row is taken as TLS.
-        let mut closed = 0u32;
         for at in rotation(inner.current.load(Ordering::Relaxed), inner.endpoints.len()) {
             let now = Instant::now();
             if now >= deadline {
@@ -346,9 +343,11 @@ impl AdminClient {
                 }
                 Ok(Err(status)) => {
                     match ballast_proto::tls::connect_failure(&status, inner.tls.is_some()) {
-                        Some(ballast_proto::tls::ConnectFailure::PlainRefused) if closed == 0 => closed += 1,
+                        // A node that died mid-call looks the same: ask the node.
+                        Some(ballast_proto::tls::ConnectFailure::PlainRefused)
+                            if !ballast_proto::tls::requires_tls(addr).await => {}
                         Some(f) => return Err(ClientError::Tls(f.at(addr))),
-                        None => closed = 0,
+                        None => {}
                     }
                     ProtoError::from(status)
                 }

@@ -167,9 +167,6 @@ impl RemoteVolume {
         let mut hops = 0u32;
         let mut first = true;
         let mut last = String::from("no attempt");
-        // A plain connection closed under us: a node that requires TLS, or
-        // one that died mid-call. Only a second one in a row is taken as TLS.
-        let mut closed = 0u32;
         loop {
             let addr = match self.pool.leader(shard) {
                 Some(a) => a,
@@ -217,12 +214,13 @@ impl RemoteVolume {
             last = format!("{addr}: {err}");
             if let ProtoError::Transport(s) = &err {
                 match ballast_proto::tls::connect_failure(s, self.pool.tls.is_some()) {
-                    Some(ConnectFailure::PlainRefused) if closed == 0 => closed += 1,
+                    // A node that died mid-call looks the same: ask the node.
+                    Some(ConnectFailure::PlainRefused) if !ballast_proto::tls::requires_tls(&addr).await => {}
                     Some(f) => {
                         m.failures.inc();
                         return Err(DeviceError::new(DeviceErrorKind::Io, f.at(&addr)));
                     }
-                    None => closed = 0,
+                    None => {}
                 }
             }
             match &err {

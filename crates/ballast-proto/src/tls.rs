@@ -298,6 +298,34 @@ pub fn connect_failure(status: &tonic::Status, tls: bool) -> Option<ConnectFailu
     (!tls && plain_closed).then_some(ConnectFailure::PlainRefused)
 }
 
+/// Whether the node at `addr` refuses plain HTTP/2, i.e. requires TLS:
+/// confirms a [`ConnectFailure::PlainRefused`], which a node that died in
+/// the middle of a call also produces. Opens one fresh connection and sends
+/// the HTTP/2 preface with an empty SETTINGS frame: a plain server answers
+/// with a SETTINGS frame, a TLS server with a TLS alert record. A node that
+/// cannot be reached, closes or stays silent (down, restarting) is not
+/// taken for TLS.
+pub async fn requires_tls(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+    let Ok(Ok(mut s)) = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr)).await else {
+        return false;
+    };
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    if s.write_all(&hello).await.is_err() {
+        return true;
+    }
+    let mut head = [0u8; 9];
+    match tokio::time::timeout(WAIT, s.read(&mut head)).await {
+        // A TLS record (an alert, 0x15, or a handshake, 0x16) where an
+        // HTTP/2 frame should be: the node speaks TLS.
+        Ok(Ok(n)) if n > 0 => matches!(head[0], 0x15 | 0x16),
+        // Closed or silent: a node going down or coming up, not a verdict.
+        _ => false,
+    }
+}
+
 /// hyper's "connection closed before message completed" and the like.
 fn is_closed_early(e: &(dyn std::error::Error + 'static)) -> bool {
     e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_incomplete_message() || h.is_closed())
