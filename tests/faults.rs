@@ -475,7 +475,6 @@ async fn kill_shard_leader() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "found a stale read (an acknowledged write read back as zeros) at round 12 of seed 7546715149753697647: open bug"]
 async fn kill_follower() {
     run_suite(Fault::KillFollower).await;
 }
@@ -491,7 +490,6 @@ async fn clean_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "a shard's move stays unfinished after the partition heals (not healthy in 120 s): open bug"]
 async fn partition_a_leader() {
     run_suite(Fault::Partition).await;
 }
@@ -502,7 +500,6 @@ async fn slow_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "a request failed as a TLS refusal while every node restarted, at round 17 of seed 10826253256403987647: open bug"]
 async fn power_loss() {
     run_suite(Fault::PowerLoss).await;
 }
@@ -515,4 +512,36 @@ async fn bit_rot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_loss() {
     run_suite(Fault::NodeLoss).await;
+}
+
+/// `ballast verify`, the same workload and checker as a command, against
+/// this suite's cluster: a clean run on a volume it creates and deletes,
+/// and a refusal to overwrite an existing volume without `--overwrite`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_command_checks_a_live_cluster() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let suite = Suite::start().await;
+    let endpoints = nodes_addrs(&suite.nodes).join(",");
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", "--endpoints", &endpoints, "--duration", "3s", "--workers", "3"];
+        args.extend_from_slice(extra);
+        run_capture(&mut cmd(BIN, args), SHORT * 2)
+    };
+    let out = verify(&["--seed", "7", "--strict", "--output", "json"]);
+    assert!(out.status.success(), "{}\n{}", out.describe(), suite.logs());
+    assert!(out.stderr.contains("seed 7 (replay with --seed 7)"), "{}", out.describe());
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("verify json");
+    assert!(report["writes_acked"].as_u64().unwrap_or(0) > 0, "{report:#}");
+    assert!(report["reads"].as_u64().unwrap_or(0) > 0, "{report:#}");
+    assert_eq!(report["violations"].as_array().map(Vec::len), Some(0), "{report:#}");
+    let volumes = suite.admin.list_volumes().await.expect("volumes");
+    assert!(volumes.iter().all(|v| v.name != "ballast-verify"), "the volume verify created is deleted");
+    let refused = verify(&["faults"]);
+    assert!(!refused.status.success(), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("--overwrite") && refused.stderr.trim().lines().count() == 1,
+        "{}",
+        refused.describe()
+    );
+    suite.exports.detach_all().await.expect("detach");
 }

@@ -14,6 +14,13 @@
 //!   status` shows each node's pass, and every node's RocksDB, checked
 //!   stopped, holds every block intact and equal to the written data.
 //!
+//! Divergence against three processes: a stopped follower's RocksDB gets
+//! other intact values (valid checksums) for a few blocks and loses one
+//! block (a hole where its peers have data); after it restarts, `ballast
+//! scrub` finds exactly those copies by comparing the replicas' digests and
+//! realigns them, the follower's disk then holds the majority's values, a
+//! second scrub finds nothing, and the volume reads back as written.
+//!
 //! Seeded: the seed is printed; `BALLAST_SEED=<seed>` replays the run.
 
 mod common;
@@ -24,12 +31,12 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use ballast_storage::{BlockStore, RocksConfig, RocksStore, StorageError};
+use ballast_storage::{BlockStore, Durability, RocksConfig, RocksStore, StorageError, WriteBatch};
 use ballast_types::{Geometry, ShardId, VolumeId, BLOCK_SIZE};
 use common::procs::{NodeProc, BIN};
 use common::*;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 const SHORT: Duration = Duration::from_secs(60);
 const SIZE: u64 = 8 << 20;
@@ -105,14 +112,38 @@ impl Cluster {
         leader
     }
 
+    /// Every node up, running its shard replica, and the shard led (after a
+    /// node restarted: a scrub pass must find the replica).
+    fn wait_up(&self) {
+        wait_until("three nodes up", SHORT, || {
+            let mut c = cmd(BIN, ["cluster", "status", "--output", "json"]);
+            c.args(["--endpoints", &self.endpoints]);
+            let out = run_capture(&mut c, SHORT);
+            serde_json::from_str::<serde_json::Value>(&out.stdout).is_ok_and(|s| {
+                s["nodes"].as_array().is_some_and(|n| n.iter().all(|n| n["up"] == true))
+                    && s["shards"][0]["leader"].as_u64().unwrap_or(0) != 0
+            }) && (0..3).all(|i| self.try_scrape(i).is_some_and(|m| sample(&m, "ballast_node_shard_replicas") >= 1.0))
+        });
+    }
+
+    /// `ballast scrub --output json`, waited for.
+    fn scrub(&self) -> serde_json::Value {
+        let out = self.cli(&["scrub", "--output", "json", "--timeout", "90s"], Duration::from_secs(120));
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("scrub JSON: {e}\n{}", out.stdout))
+    }
+
     fn scrape(&self, i: usize) -> String {
         let addr = &self.metrics[i];
-        let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("metrics of {addr}: {e}"));
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
+        self.try_scrape(i).unwrap_or_else(|| panic!("no metrics from {addr}"))
+    }
+
+    fn try_scrape(&self, i: usize) -> Option<String> {
+        let mut s = TcpStream::connect(&self.metrics[i]).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
         let mut raw = String::new();
-        s.read_to_string(&mut raw).expect("metrics reply");
-        raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+        s.read_to_string(&mut raw).ok()?;
+        raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
     }
 }
 
@@ -196,15 +227,7 @@ fn damaged_blocks_are_read_from_healthy_replicas_and_repaired_by_read_and_scrub(
         damaged.insert(i, set);
         cluster.nodes[i].start();
         // Every node up and the shard led again before the next one stops.
-        wait_until("three nodes up", SHORT, || {
-            let mut c = cmd(BIN, ["cluster", "status", "--output", "json"]);
-            c.args(["--endpoints", &cluster.endpoints]);
-            let out = run_capture(&mut c, SHORT);
-            serde_json::from_str::<serde_json::Value>(&out.stdout).is_ok_and(|s| {
-                s["nodes"].as_array().is_some_and(|n| n.iter().all(|n| n["up"] == true))
-                    && s["shards"][0]["leader"].as_u64().unwrap_or(0) != 0
-            })
-        });
+        cluster.wait_up();
     }
 
     // Read everything back: right bytes, no error, though the leader's copy
@@ -264,4 +287,80 @@ fn damaged_blocks_are_read_from_healthy_replicas_and_repaired_by_read_and_scrub(
         assert!(bad.is_empty(), "node {}: blocks {bad:?} still damaged (BALLAST_SEED={seed})", i + 1);
         cluster.nodes[i].start();
     }
+}
+
+/// Blocks given other intact values on the stopped follower.
+const DIVERGED: usize = 5;
+
+#[test]
+fn intact_blocks_that_differ_from_their_peers_are_found_by_comparing_replicas_and_realigned() {
+    let seed = seed("divergence");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::Builder::new().prefix("ballast-divergence-").tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(root.path());
+    cluster.cli(&["cluster", "init", "--replicas", "3", "--shards", "1"], SHORT);
+    cluster.cli(&["volume", "create", "v", "--size", "8MiB"], SHORT);
+    let info = cluster.json(&["volume", "info", "v", "--output", "json"]);
+    let volume = VolumeId(info["id"].as_u64().expect("volume id"));
+    let status = cluster.json(&["cluster", "status", "--output", "json"]);
+    let shard = ShardId(status["shards"][0]["id"].as_u64().expect("shard id") as u32);
+    let data = random_bytes(seed, SIZE as usize);
+    let image = root.path().join("image.raw");
+    std::fs::write(&image, &data).expect("image");
+    cluster.cli(&["volume", "import", "v", image.to_str().expect("path")], SHORT);
+
+    // A follower, stopped: other intact values for some blocks, one block gone.
+    let follower = (cluster.index_of(cluster.leader()) + 1) % 3;
+    let mut blocks: Vec<u64> = (0..BLOCKS).collect();
+    blocks.shuffle(&mut rng);
+    let (changed, hole) = (&blocks[..DIVERGED], blocks[DIVERGED]);
+    cluster.nodes[follower].stop();
+    {
+        let store = open(&cluster.nodes[follower].dir);
+        let g = Geometry::default();
+        let mut batch = WriteBatch::new();
+        for b in changed {
+            let other: Vec<u8> = (0..BLOCK_SIZE).map(|_| rng.gen()).collect();
+            batch.put(g.key(shard, volume, *b), bytes::Bytes::from(other));
+        }
+        batch.delete(g.key(shard, volume, hole));
+        store.write(batch, Durability::Sync).expect("diverge");
+        for b in changed {
+            assert!(store.get(&g.key(shard, volume, *b)).expect("intact").is_some(), "block {b} checks out");
+        }
+    }
+    eprintln!("[ballast-test] node {}: blocks {changed:?} changed, block {hole} deleted", follower + 1);
+    cluster.nodes[follower].start();
+    cluster.wait_up();
+
+    // Scrub compares the replicas: exactly those copies differ, and are realigned.
+    let report = cluster.scrub();
+    eprintln!("[ballast-test] scrub: {report}");
+    let diverged = DIVERGED as u64 + 1;
+    assert_eq!(report["corrupt_found"].as_u64(), Some(0), "every copy is intact: {report:#}");
+    assert_eq!(report["divergent_found"].as_u64(), Some(diverged), "{report:#}\n{}", cluster.logs());
+    assert_eq!(report["realigned"].as_u64(), Some(diverged), "{report:#}\n{}", cluster.logs());
+    assert_eq!(report["unrealigned"].as_u64(), Some(0), "{report:#}");
+    assert_eq!(report["no_majority"].as_u64(), Some(0), "{report:#}");
+    let found: f64 = (0..3).map(|i| sample(&cluster.scrape(i), "ballast_scrub_divergent_total")).sum();
+    assert_eq!(found, diverged as f64, "counted once, by the shard's leader");
+    let written = sample(&cluster.scrape(follower), "ballast_blocks_realigned_total");
+    assert_eq!(written, diverged as f64, "the follower wrote the majority's values");
+
+    // The follower's disk holds the majority's values (every block intact and as written).
+    cluster.nodes[follower].stop();
+    let bad = damaged_blocks(&cluster.nodes[follower].dir, shard, volume, &data);
+    assert!(bad.is_empty(), "blocks {bad:?} damaged (BALLAST_SEED={seed})");
+    cluster.nodes[follower].start();
+    cluster.wait_up();
+
+    // A second scrub finds nothing; reads return the written data.
+    let again = cluster.scrub();
+    assert_eq!(again["divergent_found"].as_u64(), Some(0), "{again:#}");
+    assert_eq!(again["corrupt_found"].as_u64(), Some(0), "{again:#}");
+    let table = cluster.cli(&["scrub"], Duration::from_secs(120));
+    assert!(table.stdout.contains("replicas compared: 0 divergent found"), "{}", table.stdout);
+    let exported = root.path().join("back.raw");
+    cluster.cli(&["volume", "export", "v", exported.to_str().expect("path")], SHORT);
+    assert_same_bytes("data read back after realigning", &std::fs::read(&exported).expect("export"), &data);
 }

@@ -59,6 +59,13 @@ pub struct ScrubView {
     pub corrupt_found: u64,
     pub repaired: u64,
     pub unrepaired: u64,
+    /// Intact copies that differed from their shard's majority (counted by
+    /// the node leading the shard).
+    pub divergent_found: u64,
+    pub realigned: u64,
+    pub unrealigned: u64,
+    /// Blocks whose copies differed with no majority (left as they are).
+    pub no_majority: u64,
 }
 
 pub fn scrub_view(r: &ScrubReport) -> ScrubView {
@@ -72,6 +79,10 @@ pub fn scrub_view(r: &ScrubReport) -> ScrubView {
         corrupt_found: r.corrupt_found,
         repaired: r.repaired,
         unrepaired: r.unrepaired,
+        divergent_found: r.divergent_found,
+        realigned: r.realigned,
+        unrealigned: r.unrealigned,
+        no_majority: r.no_majority,
     }
 }
 
@@ -89,9 +100,21 @@ pub fn age(unix_ms: Option<u64>, now_unix_ms: u64) -> String {
 
 /// One row per node: the last scrub pass's figures.
 pub fn scrub_table(rows_in: &[ScrubView], now_unix_ms: u64) -> String {
-    let mut rows = vec![["NODE", "LAST PASS", "PASSES", "CHECKED", "CORRUPT", "REPAIRED", "UNREPAIRED"]
-        .map(String::from)
-        .to_vec()];
+    let mut rows = vec![[
+        "NODE",
+        "LAST PASS",
+        "PASSES",
+        "CHECKED",
+        "CORRUPT",
+        "REPAIRED",
+        "UNREPAIRED",
+        "DIVERGENT",
+        "REALIGNED",
+        "UNREALIGNED",
+        "NO-MAJORITY",
+    ]
+    .map(String::from)
+    .to_vec()];
     for v in rows_in {
         let last = age(v.last_finished_unix_ms, now_unix_ms);
         rows.push(vec![
@@ -102,6 +125,10 @@ pub fn scrub_table(rows_in: &[ScrubView], now_unix_ms: u64) -> String {
             v.corrupt_found.to_string(),
             v.repaired.to_string(),
             v.unrepaired.to_string(),
+            v.divergent_found.to_string(),
+            v.realigned.to_string(),
+            v.unrealigned.to_string(),
+            v.no_majority.to_string(),
         ]);
     }
     table(&rows)

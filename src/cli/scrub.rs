@@ -3,8 +3,11 @@
 //! `ClusterStatus` is polled until every started node reports a pass more
 //! than it had (two more when one was already running, so the pass that
 //! counts began after the request). Prints per node and in total: blocks
-//! checked, damaged blocks found, repaired, not repaired. Exit 1 when a
-//! damaged block could not be repaired or the wait timed out.
+//! checked, damaged blocks found, repaired, not repaired; copies that
+//! differed from their shard's majority, realigned, not realigned, and
+//! blocks with no majority. Exit 1 when a damaged block could not be
+//! repaired, a divergent copy was not realigned, a block had no majority,
+//! or the wait timed out.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -43,6 +46,10 @@ pub struct ScrubResultView {
     pub corrupt_found: u64,
     pub repaired: u64,
     pub unrepaired: u64,
+    pub divergent_found: u64,
+    pub realigned: u64,
+    pub unrealigned: u64,
+    pub no_majority: u64,
 }
 
 /// The totals of `nodes`' last passes.
@@ -54,6 +61,10 @@ pub fn result_view(nodes: Vec<ScrubView>) -> ScrubResultView {
         corrupt_found: sum(|n| n.corrupt_found),
         repaired: sum(|n| n.repaired),
         unrepaired: sum(|n| n.unrepaired),
+        divergent_found: sum(|n| n.divergent_found),
+        realigned: sum(|n| n.realigned),
+        unrealigned: sum(|n| n.unrealigned),
+        no_majority: sum(|n| n.no_majority),
         nodes,
     }
 }
@@ -68,6 +79,10 @@ pub fn result_table(v: &ScrubResultView) -> String {
         v.corrupt_found,
         v.repaired,
         v.unrepaired
+    ));
+    out.push_str(&format!(
+        "replicas compared: {} divergent found, {} realigned, {} not realigned, {} without a majority\n",
+        v.divergent_found, v.realigned, v.unrealigned, v.no_majority
     ));
     out
 }
@@ -130,6 +145,15 @@ pub async fn run(args: ScrubArgs) -> Result<()> {
     if view.unrepaired > 0 {
         bail!("{} damaged block(s) could not be repaired (no healthy replica, or the repair failed)", view.unrepaired);
     }
+    if view.no_majority > 0 {
+        bail!("{} block(s) differ between replicas with no majority value: left as they are", view.no_majority);
+    }
+    if view.unrealigned > 0 {
+        bail!(
+            "{} divergent copies were not realigned (written meanwhile, or no majority copy; the next pass retries)",
+            view.unrealigned
+        );
+    }
     Ok(())
 }
 
@@ -152,12 +176,21 @@ mod tests {
             corrupt_found: corrupt,
             repaired,
             unrepaired: corrupt - repaired,
+            divergent_found: corrupt * 2,
+            realigned: repaired * 2,
+            unrealigned: (corrupt - repaired) * 2,
+            no_majority: node - 1,
         };
         let view = result_view(vec![v(1, 0, 0), v(2, 3, 2)]);
         assert_eq!((view.blocks_checked, view.corrupt_found, view.repaired, view.unrepaired), (20, 3, 2, 1));
+        assert_eq!((view.divergent_found, view.realigned, view.unrealigned, view.no_majority), (6, 4, 2, 1));
         let t = result_table(&view);
         assert!(
             t.contains("20 blocks (80 KiB) checked on 2 node(s): 3 corrupt found, 2 repaired, 1 not repaired"),
+            "{t}"
+        );
+        assert!(
+            t.contains("replicas compared: 6 divergent found, 4 realigned, 2 not realigned, 1 without a majority"),
             "{t}"
         );
         assert!(t.lines().any(|l| l.starts_with("node-2 ")), "{t}");

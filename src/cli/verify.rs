@@ -79,7 +79,7 @@ pub async fn run(args: VerifyArgs) -> Result<()> {
             "volume {:?} exists; verify overwrites blocks of it: pass --overwrite to allow that, or name a new volume",
             args.volume
         ),
-        Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => {
+        Err(ClientError::Api(e)) if matches!(e.code, ErrorCode::NotFound | ErrorCode::NoSuchVolume) => {
             let req = CreateVolume { name: args.volume.clone(), size: args.size, pool: args.pool.clone() };
             admin.create_volume(&req).await.with_context(|| format!("creating volume {:?}", args.volume))?;
             true

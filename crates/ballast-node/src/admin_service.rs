@@ -179,22 +179,31 @@ impl AdminService {
         let Some(identity) = inner.identity.get() else {
             return Err(unavailable("this node is not part of a cluster yet: run `ballast cluster init`"));
         };
-        if let Some(meta) = inner.meta.get() {
-            return match meta.leader() {
-                Some((id, _)) if id == inner.id() => Ok(Route::Local(meta.clone())),
-                Some((_, node)) if hops < MAX_HOPS && !node.addr.is_empty() => Ok(Route::Remote(node.addr)),
+        let meta = inner.meta.get();
+        if let Some(meta) = meta {
+            match meta.leader() {
+                Some((id, _)) if id == inner.id() => return Ok(Route::Local(meta.clone())),
+                Some((_, node)) if hops < MAX_HOPS && !node.addr.is_empty() => return Ok(Route::Remote(node.addr)),
                 Some((id, node)) => {
                     let hint = ballast_types::LeaderHint { node: NodeId(id), addr: node.addr };
-                    Err(ApiError::not_leader(Some(hint)))
+                    return Err(ApiError::not_leader(Some(hint)));
                 }
-                None => Err(unavailable("the meta group has no leader at the moment")),
-            };
+                // An election, or this node was replaced in the meta group
+                // while it was away (its replica hears from no leader): ask
+                // the other members.
+                None => {}
+            }
         }
-        if hops >= MAX_HOPS || identity.seeds.is_empty() {
-            return Err(unavailable("no meta member reachable from this node"));
+        let seeds: Vec<&String> =
+            identity.seeds.iter().filter(|s| **s != inner.advertise && **s != inner.local_addr.to_string()).collect();
+        if hops >= MAX_HOPS || seeds.is_empty() {
+            return Err(unavailable(match meta {
+                Some(_) => "the meta group has no leader at the moment",
+                None => "no meta member reachable from this node",
+            }));
         }
         let i = self.next_seed.fetch_add(1, Ordering::Relaxed);
-        Ok(Route::Remote(identity.seeds[i % identity.seeds.len()].clone()))
+        Ok(Route::Remote(seeds[i % seeds.len()].clone()))
     }
 
     /// This node as the cluster map records it.

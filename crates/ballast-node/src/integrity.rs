@@ -16,7 +16,10 @@
 //! healthy copies from itself or the other voters ([`healthy_copies`]) and
 //! proposes the same `Repair` entry.
 //!
-//! Both calls reuse the `Raft` service's envelope (`RaftRequest`: cluster,
+//! **Replica comparison (leader).** `Raft.FetchDigest` gives the leader a
+//! voter's digest at a log index ([`crate::realign`]).
+//!
+//! The calls reuse the `Raft` service's envelope (`RaftRequest`: cluster,
 //! sender, target, group) with a ballast-raft codec payload, like
 //! `AppendEntries`; see docs/decisions.md.
 
@@ -28,7 +31,8 @@ use ballast_proto::pb;
 use ballast_proto::pb::raft_client::RaftClient;
 use ballast_proto::{ProtoError, Reply};
 use ballast_raft::types::{
-    BlockCopy, BlockRef, FetchBlocks, FetchedBlocks, RepairBlock, RepairBlocks, RepairCause, RepairedBlocks,
+    BlockCopy, BlockRef, FetchBlocks, FetchDigest, FetchedBlocks, FetchedDigest, RepairBlock, RepairBlocks,
+    RepairCause, RepairedBlocks,
 };
 use ballast_raft::{codec, ShardGroup};
 use ballast_storage::BlockStore;
@@ -47,6 +51,10 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 pub const APPLIED_WAIT: Duration = Duration::from_secs(2);
 /// How long a `RepairBlocks` call may take (fetching copies and one commit).
 pub const REPAIR_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a voter waits to apply a `Digest` entry before refusing.
+pub const DIGEST_WAIT: Duration = Duration::from_secs(5);
+/// How long a `FetchDigest` call may take (its wait included).
+pub const DIGEST_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// Opens (or reuses) a channel to a node address; TLS and timeouts are the
 /// node's (see `NodeInner::channel`).
@@ -103,6 +111,7 @@ impl Peers {
             match rpc {
                 Rpc::Fetch => client.fetch_blocks(req).await,
                 Rpc::Repair => client.repair_blocks(req).await,
+                Rpc::Digest => client.fetch_digest(req).await,
             }
         };
         let reply = match tokio::time::timeout(timeout, call).await {
@@ -137,12 +146,25 @@ impl Peers {
     ) -> Result<RepairedBlocks, ApiError> {
         self.call(Rpc::Repair, target, addr, group, &RepairBlocks { blocks }, REPAIR_TIMEOUT).await
     }
+
+    /// `target`'s digest of `group` at the `Digest` entry `index`, once it
+    /// applied it (`digest: None`: it no longer keeps it).
+    pub async fn fetch_digest(
+        &self,
+        target: NodeId,
+        addr: &str,
+        group: GroupId,
+        index: u64,
+    ) -> Result<FetchedDigest, ApiError> {
+        self.call(Rpc::Digest, target, addr, group, &FetchDigest { index }, DIGEST_TIMEOUT).await
+    }
 }
 
 #[derive(Clone, Copy)]
 enum Rpc {
     Fetch,
     Repair,
+    Digest,
 }
 
 /// Healthy copies of blocks, each with the applied index it was read at.

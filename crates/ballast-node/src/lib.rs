@@ -28,6 +28,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod node;
 pub mod raft_service;
+mod realign;
 mod reconcile;
 mod repair;
 pub mod router;

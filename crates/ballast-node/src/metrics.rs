@@ -40,6 +40,10 @@ pub(crate) struct ScrubMetrics {
     pub repaired: Arc<Counter>,
     pub unrepaired: Arc<Counter>,
     pub passes: Arc<Counter>,
+    pub divergent: Arc<Counter>,
+    pub realigned: Arc<Counter>,
+    pub unrealigned: Arc<Counter>,
+    pub no_majority: Arc<Counter>,
 }
 
 pub(crate) static SCRUB: LazyLock<ScrubMetrics> = LazyLock::new(|| {
@@ -68,6 +72,29 @@ pub(crate) static SCRUB: LazyLock<ScrubMetrics> = LazyLock::new(|| {
             &[],
         ),
         passes: r.counter("ballast_scrub_passes_total", "Scrub passes finished on this node.", &[]),
+        divergent: r.counter(
+            "ballast_scrub_divergent_total",
+            "Intact block copies that differed from a strict majority of their shard's voters, found by scrub on \
+             the shards this node leads (one per replica and block).",
+            &[],
+        ),
+        realigned: r.counter(
+            "ballast_scrub_realigned_total",
+            "Divergent copies scrub found on the shards this node leads that equal the majority after a realign.",
+            &[],
+        ),
+        unrealigned: r.counter(
+            "ballast_scrub_unrealigned_total",
+            "Divergent copies scrub found on the shards this node leads that were not realigned (written \
+             meanwhile, or no majority copy to send; the next pass retries).",
+            &[],
+        ),
+        no_majority: r.counter(
+            "ballast_scrub_no_majority_total",
+            "Blocks whose intact copies differed with no value held by a strict majority of the voters (left as \
+             they are; needs an operator).",
+            &[],
+        ),
     }
 });
 

@@ -543,6 +543,10 @@ impl NodeInner {
         let snapshots = disk.dir.join("snapshots");
         let started =
             start_shard(spec, &self.config.shard, &disk.writer, disk.store.clone(), &snapshots, transport).await?;
+        if let Err(e) = started.enable_realign().await {
+            // Never a realign target then: it skips them, which is safe.
+            tracing::warn!(%shard, "replica does not know its node for realigns: {e}");
+        }
         let replica = Replica { group: started, snapshot_dir: shard_snapshot_dir(&snapshots, shard) };
         if let Err(dup) = self.groups.insert(group, replica) {
             dup.group.shutdown().await?;
@@ -570,7 +574,10 @@ impl NodeInner {
             placement.iter().filter(|(s, d)| **d == disk_no && **s != shard).map(|(s, _)| *s).collect();
         tokio::task::spawn_blocking(move || -> Result<(), NodeError> {
             ballast_raft::state_machine::destroy_replica(&*store, shard)?;
-            log.delete_group(group.0)?;
+            // The vote stays: a replica made here again must not vote twice
+            // in a term, nor take an old leader's entries (a deposed leader
+            // that missed its deposition would count it toward a quorum).
+            log.delete_group(group.0, &[ballast_raft::log_store::VOTE_KEY])?;
             let snapshots = shard_snapshot_dir(&dir.join("snapshots"), shard);
             match std::fs::remove_dir_all(&snapshots) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(NodeError::Io(e)),

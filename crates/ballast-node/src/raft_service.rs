@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use ballast_proto::pb::raft_server::Raft;
 use ballast_proto::{pb, SnapshotSequencer};
-use ballast_raft::types::{FetchBlocks, RepairBlocks, RepairCause, RepairedBlocks, SnapshotMeta, Vote};
+use ballast_raft::types::{FetchBlocks, FetchDigest, RepairBlocks, RepairCause, RepairedBlocks, SnapshotMeta, Vote};
 use ballast_raft::{codec, ShardError, ShardSnapshot, SnapshotReceiver};
 use ballast_storage::BlockStore;
 use ballast_types::{ApiError, ClusterId, ErrorCode, GroupId, NodeHello, RaftEnvelope, RaftRequest, SnapshotChunk};
@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::data_service::api_error;
 
-use crate::integrity::{self, Peers, APPLIED_WAIT};
+use crate::integrity::{self, Peers, APPLIED_WAIT, DIGEST_WAIT};
 use crate::router::{MultiRaft, Replica};
 
 /// Most blocks one `FetchBlocks` or `RepairBlocks` may name (4 MiB of copies).
@@ -170,6 +170,12 @@ impl<S: BlockStore> RaftService<S> {
         encoded(&RepairedBlocks { index, unrepairable: copies.missing })
     }
 
+    /// The digest this replica recorded at a `Digest` entry, once applied.
+    async fn fetch_digest(&self, m: pb::RaftRequest) -> Result<Bytes, ApiError> {
+        let (replica, q): (_, FetchDigest) = self.block_call(m)?;
+        encoded(&replica.group.digest_at(q.index, DIGEST_WAIT).await.map_err(api_error)?)
+    }
+
     /// Spill the stream's frames to a file (on a blocking thread, two frames
     /// of buffer), then install the file-backed snapshot.
     async fn install_snapshot(&self, mut stream: Streaming<pb::SnapshotChunk>) -> Result<Bytes, ApiError> {
@@ -264,5 +270,9 @@ impl<S: BlockStore> Raft for RaftService<S> {
 
     async fn repair_blocks(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         reply(RaftService::repair_blocks(self, request.into_inner()).await)
+    }
+
+    async fn fetch_digest(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        reply(RaftService::fetch_digest(self, request.into_inner()).await)
     }
 }

@@ -71,14 +71,19 @@ struct State {
 async fn tick(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
     let me = NodeId(inner.id());
     match inner.meta.get() {
-        Some(meta) => {
+        // A meta replica that follows a leader holds the map as committed
+        // (perhaps a little behind). One that hears from no leader may have
+        // been replaced in the meta group while this node was away: its map
+        // would never move again, so the map comes from the other nodes.
+        Some(meta) if meta.leader().is_some() => {
             let m = meta.local_map();
             if !m.is_initialized() {
                 return Ok(());
             }
             inner.map.update(m.placement());
         }
-        None => fetch_map(inner, state).await?,
+        Some(meta) if !meta.local_map().is_initialized() => return Ok(()),
+        _ => fetch_map(inner, state).await?,
     }
     let map = inner.map.map();
     let mut problems = Vec::new();
@@ -151,7 +156,9 @@ fn map_sources(identity: Option<&Identity>, map: &PlacementMap) -> Vec<String> {
 
 async fn fetch_map(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
     let held = inner.map.map();
-    let sources = map_sources(inner.identity.get(), &held);
+    let me = [inner.advertise.clone(), inner.local_addr.to_string()];
+    let sources: Vec<String> =
+        map_sources(inner.identity.get(), &held).into_iter().filter(|a| !me.contains(a)).collect();
     if sources.is_empty() {
         return Err("no seed to fetch the cluster map from".into());
     }

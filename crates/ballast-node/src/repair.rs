@@ -319,7 +319,15 @@ impl Healer {
         }
         self.stuck = stuck;
         let map = meta.local_map();
-        for (shard, voters) in map.rebalance_moves(MAX_REBALANCE_IN_FLIGHT) {
+        let mut rebalance = map.rebalance_moves(MAX_REBALANCE_IN_FLIGHT);
+        if !rebalance.is_empty() {
+            // Only a shard whose group runs (has a leader) moves: a group not
+            // formed yet is formed by the map's first voter, and only while
+            // nothing joins, so moving it would leave it never formed.
+            let led = shard_leaders(inner, &map).await.unwrap_or_default();
+            rebalance.retain(|(shard, _)| led.contains_key(shard));
+        }
+        for (shard, voters) in rebalance {
             let from = map.shards.get(&shard).map(|s| s.voters.clone()).unwrap_or_default();
             match meta.propose(MetaCommand::MoveShard { shard, voters: voters.clone() }).await {
                 Ok(Ok(_)) => {
@@ -520,9 +528,9 @@ async fn move_shard(inner: &Arc<NodeInner>, replica: &Replica<RocksStore>, shard
     Ok(())
 }
 
-/// Meta leader: ask who leads each shard (`NodeStats` of every node marked
-/// up) and have the shard leaders on nodes leading too many hand one over.
-async fn balance_leaders(inner: &Arc<NodeInner>, map: &ClusterMap) -> Result<(), String> {
+/// Meta leader: who leads each shard, as every node marked up (and not
+/// draining) says in its `NodeStats`; `None` when one did not answer.
+async fn shard_leaders(inner: &Arc<NodeInner>, map: &ClusterMap) -> Option<BTreeMap<u32, u64>> {
     let me = inner.id();
     let cluster = map.cluster_id;
     let asks = map.nodes.values().filter(|n| n.up && !n.draining).map(|n| async move {
@@ -538,7 +546,7 @@ async fn balance_leaders(inner: &Arc<NodeInner>, map: &ClusterMap) -> Result<(),
     });
     let answers: Vec<(u64, Vec<u32>)> = futures::future::join_all(asks).await.into_iter().flatten().collect();
     if answers.len() < map.nodes.values().filter(|n| n.up && !n.draining).count() {
-        return Ok(()); // someone did not answer: counts would be wrong; next time
+        return None;
     }
     let mut leaders = BTreeMap::new();
     for (node, shards) in answers {
@@ -546,6 +554,15 @@ async fn balance_leaders(inner: &Arc<NodeInner>, map: &ClusterMap) -> Result<(),
             leaders.insert(s, node);
         }
     }
+    Some(leaders)
+}
+
+/// Meta leader: have the shard leaders on nodes leading too many hand one over.
+async fn balance_leaders(inner: &Arc<NodeInner>, map: &ClusterMap) -> Result<(), String> {
+    let me = inner.id();
+    let cluster = map.cluster_id;
+    // Someone did not answer: counts would be wrong; next time.
+    let Some(leaders) = shard_leaders(inner, map).await else { return Ok(()) };
     for mv in map.leader_moves(&leaders, LEADER_MOVES) {
         let req = pb::TransferLeaderRequest {
             cluster_id: cluster,

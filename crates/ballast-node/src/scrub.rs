@@ -9,15 +9,22 @@
 //! the previous one ended (the first one an interval after the node
 //! started), or at once when asked (`ballast scrub` → `Admin.ScrubNode`).
 //!
+//! **Comparing replicas.** On every shard this node leads, the pass then
+//! compares the voters' replicas with each other ([`crate::realign`]):
+//! digests taken at the same log position, a strict majority's value per
+//! block, and `Realign` entries for intact copies that differ from it (a
+//! replica whose blocks each pass their checksum yet differ from its
+//! peers'). Digests are read on every replica when they apply the entry;
+//! the leader paces them with the same rate.
+//!
 //! **What a pass reports.** Blocks and bytes checked, damaged blocks found,
 //! and of those how many were repaired (the local copy verified good again
-//! after the leader's repair entry applied here) or not. The figures of the
-//! last finished pass travel in `NodeStats` to `ballast cluster status`;
-//! the running totals are the `ballast_scrub_*` metrics.
-//!
-//! Not done here (see docs/decisions.md): comparing replicas with each
-//! other. A replica whose blocks are intact but differ from its peers' is
-//! not found by scrub.
+//! after the leader's repair entry applied here) or not; on the shards this
+//! node leads, divergent copies found, realigned (equal to the majority
+//! when the range was digested again) or not, and blocks whose copies
+//! differ with no majority. The figures of the last finished pass travel in
+//! `NodeStats` to `ballast cluster status`; the running totals are the
+//! `ballast_scrub_*` metrics.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -50,6 +57,7 @@ struct PassCounts {
     corrupt: u64,
     repaired: u64,
     unrepaired: u64,
+    compared: crate::realign::Compared,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +120,10 @@ impl Scrubber {
             corrupt_found: st.last.corrupt,
             repaired: st.last.repaired,
             unrepaired: st.last.unrepaired,
+            divergent_found: st.last.compared.divergent,
+            realigned: st.last.compared.realigned,
+            unrealigned: st.last.compared.unrealigned,
+            no_majority: st.last.compared.no_majority,
         }
     }
 }
@@ -143,6 +155,17 @@ pub(crate) async fn run(inner: Arc<NodeInner>, peers: Arc<Peers>) {
         }
         SCRUB.passes.inc();
         let took = started.elapsed();
+        let c = counts.compared;
+        if c.divergent > 0 || c.no_majority > 0 {
+            tracing::warn!(
+                node = inner.id(),
+                divergent = c.divergent,
+                realigned = c.realigned,
+                unrealigned = c.unrealigned,
+                no_majority = c.no_majority,
+                "scrub pass finished: replicas differed from their majority"
+            );
+        }
         if counts.corrupt > 0 {
             tracing::warn!(
                 node = inner.id(),
@@ -206,6 +229,14 @@ async fn pass(inner: &Arc<NodeInner>, peers: &Peers, scrub: &Scrubber) -> PassCo
                 SCRUB.unrepaired.add(found - repaired);
             }
             cursor = if batch.full { batch.last.and_then(successor) } else { None };
+        }
+        if replica.group.membership().leading {
+            let go_on = || inner.running().is_ok() && inner.groups.get(group).is_some();
+            let c = crate::realign::compare_shard(peers, &replica.group, scrub.pacer.as_ref(), go_on).await;
+            counts.compared.divergent += c.divergent;
+            counts.compared.realigned += c.realigned;
+            counts.compared.unrealigned += c.unrealigned;
+            counts.compared.no_majority += c.no_majority;
         }
     }
     counts

@@ -401,6 +401,10 @@ impl TryFrom<pb::ScrubReport> for ScrubReport {
             let e = ValidationError::Other("repaired + unrepaired exceed corrupt_found");
             return Err(ConvertError::invalid("ScrubReport.repaired", e));
         }
+        if m.realigned.checked_add(m.unrealigned).is_none_or(|r| r > m.divergent_found) {
+            let e = ValidationError::Other("realigned + unrealigned exceed divergent_found");
+            return Err(ConvertError::invalid("ScrubReport.realigned", e));
+        }
         Ok(ScrubReport {
             node: NodeId(nonzero(m.node_id, "ScrubReport.node_id")?),
             passes: m.passes,
@@ -411,6 +415,10 @@ impl TryFrom<pb::ScrubReport> for ScrubReport {
             corrupt_found: m.corrupt_found,
             repaired: m.repaired,
             unrepaired: m.unrepaired,
+            divergent_found: m.divergent_found,
+            realigned: m.realigned,
+            unrealigned: m.unrealigned,
+            no_majority: m.no_majority,
         })
     }
 }
@@ -427,6 +435,10 @@ impl From<ScrubReport> for pb::ScrubReport {
             corrupt_found: r.corrupt_found,
             repaired: r.repaired,
             unrepaired: r.unrepaired,
+            divergent_found: r.divergent_found,
+            realigned: r.realigned,
+            unrealigned: r.unrealigned,
+            no_majority: r.no_majority,
         }
     }
 }

@@ -313,8 +313,10 @@ pub async fn requires_tls(addr: &str) -> bool {
     };
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    // A write that fails means the node went away after accepting (a
+    // node dying or restarting), not that it speaks TLS.
     if s.write_all(&hello).await.is_err() {
-        return true;
+        return false;
     }
     let mut head = [0u8; 9];
     match tokio::time::timeout(WAIT, s.read(&mut head)).await {

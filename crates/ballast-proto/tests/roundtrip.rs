@@ -185,6 +185,10 @@ fn admin_messages_round_trip() {
         corrupt_found: 4,
         repaired: 3,
         unrepaired: 1,
+        divergent_found: 5,
+        realigned: 4,
+        unrealigned: 1,
+        no_majority: 2,
     };
     roundtrip::<_, pb::NodeStatsReply>(NodeStats {
         node: NodeId(2),
@@ -195,6 +199,8 @@ fn admin_messages_round_trip() {
     roundtrip::<_, pb::ScrubReply>(vec![scrub, ScrubReport { node: NodeId(4), ..Default::default() }]);
     let bad = pb::ScrubReport { node_id: 1, corrupt_found: 1, repaired: 1, unrepaired: 1, ..Default::default() };
     assert!(ScrubReport::try_from(bad).is_err(), "more repaired than found");
+    let bad = pb::ScrubReport { node_id: 1, divergent_found: 1, realigned: 2, ..Default::default() };
+    assert!(ScrubReport::try_from(bad).is_err(), "more realigned than found");
     assert!(ScrubReport::try_from(pb::ScrubReport::default()).is_err(), "node id required");
     roundtrip::<_, pb::ClusterStatusReply>(ClusterStatus {
         cluster: ClusterId(5),

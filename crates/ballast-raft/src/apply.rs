@@ -24,6 +24,14 @@
 //!   replica's log says the block has. (Left open: a block that was written
 //!   after `as_of` while still good and then damaged before the repair
 //!   applied — a window of one round trip — would get the older copy.)
+//!
+//! **Divergent replicas.** [`ShardRequest::Digest`] and
+//! [`ShardRequest::Realign`] are planned in [`crate::divergence`]: a digest
+//! reads the store and changes nothing; a realign writes on its target
+//! only, and only blocks no entry after its digest touched. Every `Write`,
+//! `Zero`, `DeleteVolume` and `Repair` records the chunks it touched in
+//! [`ApplyState::touched`] for that check (refused writes change nothing
+//! and are not recorded).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
@@ -32,7 +40,8 @@ use ballast_metrics::Counter;
 use ballast_storage::{BlockStore, KeyRange, StorageError, VolumeView, WriteBatch};
 use ballast_types::{BlockKey, Geometry, ShardId, VolumeId, BLOCK_SIZE};
 
-use crate::types::{RepairCause, ShardRequest, ShardResponse};
+use crate::divergence::{self, Digests, RealignGuard, Touched};
+use crate::types::{NodeId, RepairCause, ShardRequest, ShardResponse};
 
 /// Largest byte span one request may touch (the client splits at chunk
 /// boundaries, so real requests are far smaller).
@@ -100,7 +109,7 @@ pub(crate) fn reads_store(req: &ShardRequest) -> bool {
         ShardRequest::Write { offset, data, .. } => offset % bs != 0 || data.len() as u64 % bs != 0,
         ShardRequest::Zero { offset, len, .. } => offset % bs != 0 || len % bs != 0,
         // Reads each block's stored value to decide.
-        ShardRequest::Repair { .. } => true,
+        ShardRequest::Repair { .. } | ShardRequest::Digest { .. } | ShardRequest::Realign { .. } => true,
         ShardRequest::DeleteVolume { .. } | ShardRequest::Noop | ShardRequest::Meta(_) => false,
     }
 }
@@ -132,14 +141,24 @@ static INTEGRITY: LazyLock<IntegrityMetrics> = LazyLock::new(|| {
 /// first repair.
 pub fn register_metrics() {
     LazyLock::force(&INTEGRITY);
+    divergence::register_metrics();
 }
 
-/// The shard's replicated apply state that [`plan`] reads and updates.
+/// The shard's apply state that [`plan`] reads and updates: the replicated
+/// part (epochs, the mark) is persisted with the batches; the rest lives in
+/// memory and starts afresh when the state machine opens.
 #[derive(Debug, Default)]
 pub(crate) struct ApplyState {
     pub epochs: BTreeMap<VolumeId, u64>,
     /// The `kept_corrupt` mark (0: never).
     pub kept_corrupt: u64,
+    /// The node this replica runs on, once told
+    /// ([`crate::ShardGroup::enable_realign`]): realigns naming it are its own.
+    pub node: Option<NodeId>,
+    /// The digests this replica recorded (in memory, bounded).
+    pub digests: Digests,
+    /// The last entry that touched each chunk, from the floor on (in memory, bounded).
+    pub touched: Touched,
 }
 
 /// Record that the entry at `index` left damaged blocks as they were.
@@ -252,6 +271,7 @@ pub(crate) fn plan<S: BlockStore>(
                     let (changes, kept) = view(*volume).write_keeping_corrupt(*offset, data)?;
                     batch.ops.extend(changes.ops);
                     keep_corrupt(shard, st, batch, index, &kept);
+                    st.touched.range(*volume, *offset, data.len() as u64, index);
                     ShardResponse::Done
                 }
             }
@@ -263,12 +283,14 @@ pub(crate) fn plan<S: BlockStore>(
                     let (changes, kept) = view(*volume).zero_keeping_corrupt(*offset, *len, *punch)?;
                     batch.ops.extend(changes.ops);
                     keep_corrupt(shard, st, batch, index, &kept);
+                    st.touched.range(*volume, *offset, *len, index);
                     ShardResponse::Done
                 }
             }
         }
         ShardRequest::Repair { volume, as_of, cause, blocks } => {
             let replaced = plan_repair(store, shard, st, *volume, *as_of, blocks, batch)?;
+            st.touched.blocks(*volume, blocks.iter().map(|b| b.block), index);
             if replaced > 0 {
                 let i = match cause {
                     RepairCause::Read => 0,
@@ -282,10 +304,19 @@ pub(crate) fn plan<S: BlockStore>(
         ShardRequest::DeleteVolume { volume } => {
             // The epoch stays: a fenced writer of a deleted volume stays fenced.
             batch.delete_range(volume_range(shard, *volume));
+            st.touched.volume(*volume, index);
             ShardResponse::Done
         }
         ShardRequest::Noop => ShardResponse::Done,
         ShardRequest::Meta(_) => ShardResponse::Invalid { reason: "a meta command sent to a shard group".into() },
+        ShardRequest::Digest { from, max_blocks } => {
+            divergence::digest(store, shard, index, *from, *max_blocks, &mut st.digests)?;
+            ShardResponse::Done
+        }
+        ShardRequest::Realign { volume, target, since, blocks } => {
+            let guard = RealignGuard { node: st.node, touched: &st.touched };
+            divergence::plan_realign(store, shard, guard, index, *volume, *target, *since, blocks, batch)?
+        }
     };
     Ok(outcome)
 }
@@ -436,5 +467,141 @@ mod tests {
             ShardRequest::Write { volume: VolumeId(5), epoch: 1, offset: 4096, data: block_of(3) },
         );
         assert_eq!(stored(&store, 1).expect("rewritten"), Some(block_of(3)));
+    }
+
+    fn put_raw(store: &MemStore, block: u64, data: Option<Bytes>) {
+        let mut b = WriteBatch::new();
+        let key = Geometry::default().key(ShardId(1), VolumeId(5), block);
+        match data {
+            Some(d) => b.put(key, d),
+            None => b.delete(key),
+        }
+        store.write(b, Durability::Buffered).expect("write");
+    }
+
+    fn realign(target: u64, since: u64, blocks: Vec<(u64, Option<Bytes>)>) -> ShardRequest {
+        ShardRequest::Realign {
+            volume: VolumeId(5),
+            target,
+            since,
+            blocks: blocks
+                .into_iter()
+                .map(|(block, data)| {
+                    let crc = data.as_deref().map_or(0, ballast_types::crc32c);
+                    crate::types::RealignBlock { block, data, crc }
+                })
+                .collect(),
+        }
+    }
+
+    fn write_block(block: u64, byte: u8) -> ShardRequest {
+        ShardRequest::Write { volume: VolumeId(5), epoch: 1, offset: block * 4096, data: block_of(byte) }
+    }
+
+    #[test]
+    fn a_digest_lists_each_present_blocks_crc_marks_damage_and_stops_at_its_limit() {
+        use crate::types::{BlockRef, BlockSum};
+        let store = MemStore::new();
+        let mut st = ApplyState::default();
+        let w =
+            ShardRequest::Write { volume: VolumeId(5), epoch: 1, offset: 0, data: Bytes::from(vec![1u8; 300 * 4096]) };
+        apply_at(&store, &mut st, 1, w);
+        let trim = ShardRequest::Zero { volume: VolumeId(5), epoch: 1, offset: 5 * 4096, len: 4096, punch: true };
+        apply_at(&store, &mut st, 2, trim);
+        store.corrupt(&Geometry::default().key(ShardId(1), VolumeId(5), 7));
+        let before = store.allocated(&crate::snapshot::shard_range(ShardId(1)), 1000).expect("keys");
+        let from = BlockRef { volume: 0, block: 0 };
+        assert_eq!(
+            apply_at(&store, &mut st, 3, ShardRequest::Digest { from, max_blocks: 100_000 }),
+            ShardResponse::Done
+        );
+        let d = st.digests.get(3).expect("kept").clone();
+        assert_eq!(d.blocks.len(), crate::divergence::DIGEST_MAX_BLOCKS, "capped");
+        let r = |block| BlockRef { volume: 5, block };
+        assert_eq!(d.cut, Some(r(256)), "block 5 is a hole, so the 256th block listed is 256");
+        assert!(!d.blocks.iter().any(|(b, _)| *b == r(5)));
+        assert_eq!(d.blocks[6], (r(7), BlockSum::Damaged));
+        assert_eq!(d.blocks[0], (r(0), BlockSum::Crc(ballast_types::crc32c(&block_of(1)))));
+        let next = crate::divergence::successor(r(256)).expect("next");
+        apply_at(&store, &mut st, 4, ShardRequest::Digest { from: next, max_blocks: 256 });
+        let rest = st.digests.get(4).expect("kept");
+        assert_eq!((rest.blocks.len(), rest.cut), (43, None));
+        assert!(st.digests.get(3).is_some(), "older digests stay while there is room");
+        let after = store.allocated(&crate::snapshot::shard_range(ShardId(1)), 1000).expect("keys");
+        assert_eq!(before, after, "a digest changes nothing stored");
+    }
+
+    #[test]
+    fn a_realign_writes_only_on_its_target_and_only_blocks_untouched_since_its_digest() {
+        let store = MemStore::new();
+        let mut st = ApplyState { node: Some(2), ..ApplyState::default() };
+        // Blocks 0..4 in chunk 0 and 1024, 1025 in chunk 1.
+        let w =
+            ShardRequest::Write { volume: VolumeId(5), epoch: 1, offset: 0, data: Bytes::from(vec![1u8; 4 * 4096]) };
+        apply_at(&store, &mut st, 1, w);
+        apply_at(&store, &mut st, 2, write_block(1024, 1));
+        // This replica diverges (intact values that differ, and a hole).
+        put_raw(&store, 1, Some(block_of(7)));
+        put_raw(&store, 2, None);
+        put_raw(&store, 1024, Some(block_of(7)));
+        // The digest at 3; then a client write to chunk 1 (block 1025) at 4.
+        let from = crate::types::BlockRef { volume: 0, block: 0 };
+        apply_at(&store, &mut st, 3, ShardRequest::Digest { from, max_blocks: 256 });
+        apply_at(&store, &mut st, 4, write_block(1025, 3));
+        // Realign since 3: blocks 1 and 2 (chunk 0, untouched) get the
+        // majority's value; block 1024 is skipped (its chunk was written at 4).
+        let r = realign(2, 3, vec![(1, Some(block_of(1))), (2, Some(block_of(1))), (1024, Some(block_of(1)))]);
+        assert_eq!(apply_at(&store, &mut st, 5, r), ShardResponse::Done);
+        assert_eq!(stored(&store, 1).expect("realigned"), Some(block_of(1)));
+        assert_eq!(stored(&store, 2).expect("realigned hole"), Some(block_of(1)));
+        assert_eq!(stored(&store, 1024).expect("skipped"), Some(block_of(7)), "a write after the digest wins");
+        assert_eq!(stored(&store, 1025).expect("client write"), Some(block_of(3)));
+
+        // Another target: this replica writes nothing.
+        put_raw(&store, 3, Some(block_of(7)));
+        apply_at(&store, &mut st, 6, realign(3, 5, vec![(3, Some(block_of(1)))]));
+        assert_eq!(stored(&store, 3).expect("not the target"), Some(block_of(7)));
+        // Data that does not match its CRC is never written.
+        let mut bad = realign(2, 5, vec![(3, Some(block_of(1)))]);
+        if let ShardRequest::Realign { blocks, .. } = &mut bad {
+            blocks[0].crc ^= 1;
+        }
+        apply_at(&store, &mut st, 7, bad);
+        assert_eq!(stored(&store, 3).expect("bad crc"), Some(block_of(7)));
+        // A hole as the majority's value deletes; a digest index not before
+        // the entry is refused on every replica alike.
+        apply_at(&store, &mut st, 8, realign(2, 7, vec![(3, None)]));
+        assert_eq!(stored(&store, 3).expect("deleted"), None);
+        assert!(matches!(apply_at(&store, &mut st, 9, realign(2, 9, vec![])), ShardResponse::Invalid { .. }));
+        // Zero, DeleteVolume and Repair touch too.
+        put_raw(&store, 0, Some(block_of(7)));
+        let z = ShardRequest::Zero { volume: VolumeId(5), epoch: 1, offset: 3 * 4096, len: 10, punch: false };
+        apply_at(&store, &mut st, 10, z);
+        apply_at(&store, &mut st, 11, realign(2, 9, vec![(0, Some(block_of(1)))]));
+        assert_eq!(stored(&store, 0).expect("zeroed after"), Some(block_of(7)));
+        apply_at(&store, &mut st, 12, repair(1, vec![(0, Some(block_of(9)))]));
+        apply_at(&store, &mut st, 13, realign(2, 11, vec![(0, Some(block_of(1)))]));
+        assert_eq!(stored(&store, 0).expect("repair after"), Some(block_of(7)));
+        apply_at(&store, &mut st, 14, ShardRequest::DeleteVolume { volume: VolumeId(5) });
+        apply_at(&store, &mut st, 15, realign(2, 13, vec![(0, Some(block_of(1)))]));
+        assert_eq!(stored(&store, 0).expect("deleted after"), None, "never puts back a deleted volume");
+    }
+
+    #[test]
+    fn a_realign_from_before_the_touch_records_floor_is_skipped() {
+        let store = MemStore::new();
+        // As when the state machine opens at applied index 10: nothing is
+        // known about entries up to 10.
+        let mut st = ApplyState { node: Some(2), touched: Touched::starting_at(10), ..ApplyState::default() };
+        put_raw(&store, 0, Some(block_of(7)));
+        apply_at(&store, &mut st, 11, realign(2, 9, vec![(0, Some(block_of(1)))]));
+        assert_eq!(stored(&store, 0).expect("skipped"), Some(block_of(7)));
+        apply_at(&store, &mut st, 12, realign(2, 10, vec![(0, Some(block_of(1)))]));
+        assert_eq!(stored(&store, 0).expect("applied"), Some(block_of(1)));
+        // A replica that was never told its node is never a target.
+        let mut anon = ApplyState::default();
+        put_raw(&store, 0, Some(block_of(7)));
+        apply_at(&store, &mut anon, 13, realign(2, 12, vec![(0, Some(block_of(1)))]));
+        assert_eq!(stored(&store, 0).expect("unknown node"), Some(block_of(7)));
     }
 }

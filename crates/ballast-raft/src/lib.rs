@@ -9,6 +9,8 @@
 //! - [`log_writer`]: the per-disk group-commit writer (one sync for the log
 //!   writes of every group on a disk).
 //! - [`apply`]: how a request becomes block changes (fencing, validation).
+//! - [`divergence`]: comparing replicas with each other (digests at a log
+//!   position, the majority vote) and realigning a divergent one.
 //! - [`snapshot`]: bounded-memory snapshots (live scans on the sender, a
 //!   spill file on the receiver) and why a live scan is a valid snapshot.
 //! - [`meta`]: the meta group (group 0): the cluster map, placement and
@@ -21,6 +23,7 @@
 
 pub mod apply;
 pub mod codec;
+pub mod divergence;
 mod error;
 #[cfg(feature = "faults")]
 pub mod faults;

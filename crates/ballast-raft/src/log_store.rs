@@ -24,7 +24,8 @@ use crate::error::{io_err, ShardError};
 use crate::log_writer::LogWriter;
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
-const VOTE_KEY: &str = "vote";
+/// The state value holding a group's vote (kept when its replica is deleted).
+pub const VOTE_KEY: &str = "vote";
 const PURGED_KEY: &str = "purged";
 
 #[derive(Default)]

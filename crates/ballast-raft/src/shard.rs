@@ -115,6 +115,13 @@ pub struct ShardGroup<S: BlockStore> {
     spec: ShardSpec,
     raft: ShardRaft<S>,
     store: Arc<S>,
+    /// Until when reads must confirm leadership with a quorum round instead
+    /// of trusting the lease: set when this replica hands its leadership
+    /// away (see [`Self::linearize`]).
+    /// Shared by every handle on the replica.
+    lease_off_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// How long a lease lasts (openraft's is `election_timeout_max`).
+    lease: Duration,
 }
 
 /// Start (or restart, from what `log` and `store` hold) the replica `spec`.
@@ -135,7 +142,7 @@ pub async fn start_shard<L: LogStore, S: BlockStore, T: Transport>(
     let raft = Raft::new(spec.node, raft_config, network, log_store, sm)
         .await
         .map_err(|e| ShardError::Unavailable { group: spec.group, reason: e.to_string() })?;
-    Ok(ShardGroup { spec, raft, store })
+    Ok(ShardGroup::from_parts(spec, raft, store, config))
 }
 
 fn leader_of(group: GroupId, f: &ForwardToLeader<TypeConfig>) -> (GroupId, Option<NodeId>, Option<String>) {
@@ -143,8 +150,20 @@ fn leader_of(group: GroupId, f: &ForwardToLeader<TypeConfig>) -> (GroupId, Optio
 }
 
 impl<S: BlockStore> ShardGroup<S> {
-    pub(crate) fn from_parts(spec: ShardSpec, raft: ShardRaft<S>, store: Arc<S>) -> Self {
-        Self { spec, raft, store }
+    pub(crate) fn from_parts(spec: ShardSpec, raft: ShardRaft<S>, store: Arc<S>, config: &ShardConfig) -> Self {
+        let lease_off_until = Arc::default();
+        Self { spec, raft, store, lease_off_until, lease: config.election_timeout_max }
+    }
+
+    /// A second handle on the same replica (shutting either down stops it).
+    pub(crate) fn handle(&self) -> Self {
+        Self {
+            spec: self.spec,
+            raft: self.raft.clone(),
+            store: self.store.clone(),
+            lease_off_until: self.lease_off_until.clone(),
+            lease: self.lease,
+        }
     }
 
     pub fn spec(&self) -> ShardSpec {
@@ -255,6 +274,12 @@ impl<S: BlockStore> ShardGroup<S> {
             .with_raft_state(|st| (*st.vote_ref(), st.log_ids.last().cloned()))
             .await
             .map_err(|e| fatal(&e))?;
+        // The voters grant `to` their vote at once, lease or not (that is
+        // what a transfer is), so this replica's lease no longer proves it
+        // leads: until any vote it could still win is long gone, reads ask
+        // a quorum (a voter that voted for `to` refuses to confirm).
+        let until = std::time::Instant::now() + self.lease * 4;
+        *self.lease_off_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
         self.raft.trigger().transfer_leader(to).await.map_err(|e| fatal(&e))?;
         Ok(TransferLeaderRequest::new(vote, to, last))
     }
@@ -313,10 +338,23 @@ impl<S: BlockStore> ShardGroup<S> {
     }
 
     /// Wait until this replica may serve a linearizable read: it is the leader
-    /// with a valid lease and has applied everything committed before the call.
+    /// with a valid lease (or, shortly after it offered its leadership to
+    /// another voter, a quorum confirms it still leads) and has applied
+    /// everything committed before the call.
     pub async fn linearize(&self) -> Result<(), ShardError> {
         let group = self.spec.group;
-        match self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+        let policy = {
+            let mut off = self.lease_off_until.lock().unwrap_or_else(|e| e.into_inner());
+            match *off {
+                Some(until) if std::time::Instant::now() < until => ReadPolicy::ReadIndex,
+                Some(_) => {
+                    *off = None;
+                    ReadPolicy::LeaseRead
+                }
+                None => ReadPolicy::LeaseRead,
+            }
+        };
+        match self.raft.ensure_linearizable(policy).await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
                 let (group, leader, addr) = leader_of(group, &f);

@@ -25,10 +25,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::{self, keys};
 use crate::codec;
+use crate::divergence::Touched;
 use crate::error::io_err;
 use crate::meta::state::{self as meta_state, MetaState, SnapshotRecord as MetaSnapshotRecord, META_SHARD};
 use crate::snapshot::{self, shard_range, ShardSnapshot, SnapshotHeader};
-use crate::types::{LogId, ShardResponse, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::types::{LogId, NodeId, RangeDigest, ShardResponse, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// The persisted record of the current snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,7 +42,8 @@ struct SnapshotRecord {
 struct SmState {
     applied: Option<LogId>,
     membership: StoredMembership,
-    /// Fencing epochs and the `kept_corrupt` mark (see [`crate::apply`]).
+    /// Fencing epochs, the `kept_corrupt` mark, and the in-memory digests and
+    /// touch record (see [`crate::apply`], [`crate::divergence`]).
     apply: apply::ApplyState,
     snapshot: Option<SnapshotRecord>,
 }
@@ -126,6 +128,17 @@ impl<S: BlockStore> ShardStateMachine<S> {
         &self.store
     }
 
+    /// Realign entries naming `node` are this replica's (see
+    /// [`crate::ShardGroup::enable_realign`]).
+    pub(crate) fn set_node(&self, node: NodeId) {
+        lock(&self.state).apply.node = Some(node);
+    }
+
+    /// The digest recorded when the entry at `index` applied, if still kept.
+    pub(crate) fn kept_digest(&self, index: u64) -> Option<RangeDigest> {
+        lock(&self.state).apply.digests.get(index).cloned()
+    }
+
     fn live_snapshot(&self, record: &SnapshotRecord) -> RaftSnapshot {
         let header = SnapshotHeader { shard: self.shard.0, epochs: record.epochs.clone() };
         Snapshot { meta: record.meta.clone(), snapshot: ShardSnapshot::live(self.store.clone(), header) }
@@ -147,7 +160,10 @@ fn load_state<S: BlockStore>(store: &S, shard: ShardId) -> io::Result<SmState> {
         Some(v) => u64::from_be_bytes(<[u8; 8]>::try_from(v.as_slice()).map_err(|_| io_err("malformed mark"))?),
         None => 0,
     };
-    Ok(SmState { applied, membership, apply: apply::ApplyState { epochs, kept_corrupt }, snapshot })
+    // Realigns can only be checked against entries applied from here on.
+    let touched = Touched::starting_at(applied.as_ref().map_or(0, |l: &LogId| l.index));
+    let apply = apply::ApplyState { epochs, kept_corrupt, touched, ..apply::ApplyState::default() };
+    Ok(SmState { applied, membership, apply, snapshot })
 }
 
 /// Replace the shard's data and state with `snap` (file-backed), in bounded
@@ -341,7 +357,14 @@ impl<S: BlockStore> RaftStateMachine<TypeConfig> for ShardStateMachine<S> {
             load_state(&*store, shard)
         })
         .await?;
-        *lock(&self.state) = state;
+        {
+            // The data changed wholesale: digests and the touch record start
+            // afresh at the snapshot (`load_state`); the node stays.
+            let mut st = lock(&self.state);
+            let node = st.apply.node;
+            *st = state;
+            st.apply.node = node;
+        }
         tracing::info!(shard = %self.shard, last = ?meta_last(&self.state), "installed snapshot");
         Ok(())
     }

@@ -78,6 +78,106 @@ pub enum ShardRequest {
     /// the command's [`crate::meta::MetaReply`] to the local proposer (see
     /// [`crate::meta::MetaGroup::propose`]).
     Meta(crate::meta::MetaCommand),
+    /// Scrub, proposed by the shard's leader: every replica, when it applies
+    /// this entry, records in memory the digest of its own blocks from
+    /// `from` on (at most `max_blocks` present blocks, capped at
+    /// [`crate::divergence::DIGEST_MAX_BLOCKS`]) as of this log position, so
+    /// replicas can be compared while writes go on. Changes nothing stored.
+    /// See [`crate::divergence`].
+    Digest { from: BlockRef, max_blocks: u32 },
+    /// Put the majority's value of `blocks` of `volume` on the replica
+    /// `target`, whose digest at log index `since` differed from a strict
+    /// majority of the voters'.
+    ///
+    /// **Contract: a realign never undoes a client write.** Only `target`
+    /// writes, and only blocks that no entry after `since` touched (a
+    /// `Write`, `Zero`, `DeleteVolume` or `Repair` of their chunk): for
+    /// those, the value a majority held at `since` is still the value the
+    /// log gives the block. A replica that cannot prove that (its record of
+    /// touched chunks starts after `since`: it restarted, installed a
+    /// snapshot or pruned the record) writes nothing; a no-op is always
+    /// safe, and only the target would write, so replicas may differ in
+    /// skipping. See [`crate::divergence`].
+    Realign {
+        #[serde(with = "volume_id")]
+        volume: VolumeId,
+        target: NodeId,
+        since: u64,
+        blocks: Vec<RealignBlock>,
+    },
+}
+
+/// One block of a [`ShardRequest::Realign`], by block number in the volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealignBlock {
+    pub block: u64,
+    /// The majority's value; `None`: a hole (the target's value is deleted).
+    pub data: Option<Bytes>,
+    /// CRC32C of `data`, the majority's digest value at `since` (ignored for
+    /// a hole). The target writes nothing for a block whose data does not
+    /// match it.
+    pub crc: u32,
+}
+
+/// One present block in a [`RangeDigest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockSum {
+    /// CRC32C of the stored block.
+    Crc(u32),
+    /// The stored value fails its own checksum: scrub's checksum walk and
+    /// repair handle it; comparisons leave it out.
+    Damaged,
+}
+
+/// One replica's digest of its blocks, recorded when it applied the
+/// [`ShardRequest::Digest`] at log index `index`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeDigest {
+    pub index: u64,
+    pub from: BlockRef,
+    /// Present blocks from `from` on, in order; a block not listed (up to
+    /// `cut`) is a hole on this replica.
+    pub blocks: Vec<(BlockRef, BlockSum)>,
+    /// `Some(b)`: the digest stopped at its block limit, `b` being the last
+    /// block listed; blocks after `b` are not covered. `None`: it covers
+    /// the shard to its end.
+    pub cut: Option<BlockRef>,
+}
+
+impl RangeDigest {
+    /// Whether a peer's answer is one this leader can compare: the asked
+    /// entry, blocks in order from `from`, within the limit and the cut.
+    pub fn is_well_formed(&self, index: u64, from: BlockRef) -> bool {
+        let ordered = self.blocks.windows(2).all(|w| w[0].0 < w[1].0);
+        let in_range = self.blocks.first().is_none_or(|(b, _)| *b >= from);
+        let cut_ok = match self.cut {
+            Some(c) => self.blocks.last().is_some_and(|(b, _)| *b == c),
+            None => true,
+        };
+        self.index == index
+            && self.from == from
+            && ordered
+            && in_range
+            && cut_ok
+            && self.blocks.len() <= crate::divergence::DIGEST_MAX_BLOCKS
+    }
+}
+
+/// Node to node (`Raft.FetchDigest`, leader to voter): the digest this
+/// replica recorded when it applied the `Digest` entry at `index`, once it
+/// has applied it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchDigest {
+    pub index: u64,
+}
+
+/// The answer to [`FetchDigest`]: `digest` is `None` when the replica no
+/// longer keeps it (it restarted, installed a snapshot, or newer digests
+/// pushed it out): that range is not compared with it this pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchedDigest {
+    pub applied: u64,
+    pub digest: Option<RangeDigest>,
 }
 
 /// Why a [`ShardRequest::Repair`] was proposed (a metrics label).
@@ -183,6 +283,12 @@ impl fmt::Display for ShardRequest {
                 write!(f, "Repair({volume}, as_of={as_of}, {}, blocks={})", cause.as_str(), blocks.len())
             }
             Self::Meta(cmd) => write!(f, "Meta({cmd:?})"),
+            Self::Digest { from, max_blocks } => {
+                write!(f, "Digest(from={}/{}, max={max_blocks})", from.volume, from.block)
+            }
+            Self::Realign { volume, target, since, blocks } => {
+                write!(f, "Realign({volume}, target={target}, since={since}, blocks={})", blocks.len())
+            }
         }
     }
 }

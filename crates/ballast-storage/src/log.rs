@@ -140,8 +140,11 @@ pub trait LogStore: Send + Sync + 'static {
     fn sync(&self) -> Result<(), StorageError>;
 
     /// Remove every entry and state value of `group` (its replica left this
-    /// disk). Durable on return.
-    fn delete_group(&self, group: GroupId) -> Result<(), StorageError>;
+    /// disk) except the state values named in `keep`, in one atomic,
+    /// durable step: a crash leaves either all of it or only what was kept.
+    /// (A Raft replica keeps its vote: a node must never forget a vote it
+    /// cast, even when its replica is deleted and later made again.)
+    fn delete_group(&self, group: GroupId, keep: &[&str]) -> Result<(), StorageError>;
 
     /// Entries of one or more groups and state changes in one batch.
     fn append(&self, entries: Vec<(GroupId, u64, Bytes)>, sync: bool) -> Result<(), StorageError> {
@@ -265,10 +268,10 @@ impl LogStore for MemLogStore {
         Ok(())
     }
 
-    fn delete_group(&self, group: GroupId) -> Result<(), StorageError> {
+    fn delete_group(&self, group: GroupId, keep: &[&str]) -> Result<(), StorageError> {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         inner.entries.retain(|(g, _), _| *g != group);
-        inner.state.retain(|(g, _), _| *g != group);
+        inner.state.retain(|(g, k), _| *g != group || keep.contains(&k.as_str()));
         Ok(())
     }
 }

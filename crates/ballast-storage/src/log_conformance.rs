@@ -128,13 +128,23 @@ fn delete_group_removes_everything<H: LogHarness>(h: &mut H) {
         s.append((0..4).map(|i| (g, i, entry(g, i))).collect(), false).expect("append");
         s.put_state(g, "vote", entry(g, 0)).expect("put");
     }
-    s.delete_group(9).expect("delete group");
+    s.put_state(10, "purged", entry(10, 1)).expect("put");
+    s.delete_group(9, &[]).expect("delete group");
     assert_eq!(s.last(9).expect("last"), None);
     assert_eq!(s.get_state(9, "vote").expect("state"), None);
     for g in [8, 10] {
         assert_eq!(s.last(g).expect("last").map(|e| e.0), Some(3), "group {g} untouched");
         assert_eq!(s.get_state(g, "vote").expect("state"), Some(entry(g, 0)));
     }
+    // Keeping a state value: everything else of the group goes, durably.
+    s.delete_group(10, &["vote", "absent"]).expect("delete group keeping its vote");
+    s.sync().expect("sync");
+    assert_eq!(s.last(10).expect("last"), None);
+    assert_eq!(s.first(10).expect("first"), None);
+    assert_eq!(s.get_state(10, "purged").expect("state"), None);
+    assert_eq!(s.get_state(10, "absent").expect("state"), None);
+    assert_eq!(s.get_state(10, "vote").expect("state"), Some(entry(10, 0)));
+    assert_eq!(s.last(8).expect("last").map(|e| e.0), Some(3), "group 8 untouched");
 }
 
 fn extreme_groups_and_indexes<H: LogHarness>(h: &mut H) {
@@ -149,7 +159,7 @@ fn extreme_groups_and_indexes<H: LogHarness>(h: &mut H) {
     assert_eq!(s.last(max).expect("last"), None);
     assert_eq!(s.last(0).expect("last").map(|e| e.0), Some(max), "group 0 untouched");
     s.put_state(max, "vote", Bytes::from_static(b"m")).expect("put");
-    s.delete_group(max).expect("delete");
+    s.delete_group(max, &[]).expect("delete");
     assert_eq!(s.get_state(max, "vote").expect("state"), None);
     assert_eq!(s.last(0).expect("last").map(|e| e.0), Some(max));
 }

@@ -150,10 +150,17 @@ impl LogStore for RocksStore {
         self.db.flush_wal(true).map_err(engine)
     }
 
-    fn delete_group(&self, group: GroupId) -> Result<(), StorageError> {
+    fn delete_group(&self, group: GroupId, keep: &[&str]) -> Result<(), StorageError> {
         let mut wb = rocksdb::WriteBatch::default();
         wb.delete_range_cf(self.cf(CF_RAFT_LOG)?, &group.to_be_bytes()[..], &group_end(group));
         wb.delete_range_cf(self.cf(CF_RAFT_STATE)?, &group.to_be_bytes()[..], &group_end(group));
+        // Put back after the range delete, in the same batch: later
+        // operations of a batch win, and the batch is applied atomically.
+        for key in keep {
+            if let Some(v) = self.get_state(group, key)? {
+                wb.put_cf(self.cf(CF_RAFT_STATE)?, state_key(group, key), v);
+            }
+        }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(wb, &wo).map_err(engine)

@@ -77,7 +77,7 @@ pub async fn start_meta<L: LogStore, S: BlockStore, T: Transport>(
     let network = ShardNetworkFactory::new(transport, META_GROUP);
     let raft = Raft::new(node, raft_config, network, log_store, sm).await.map_err(|e| unavailable(&e))?;
     let spec = ShardSpec { group: META_GROUP, shard: META_SHARD, node };
-    Ok(MetaGroup { group: ShardGroup::from_parts(spec, raft, store), state })
+    Ok(MetaGroup { group: ShardGroup::from_parts(spec, raft, store, config), state })
 }
 
 impl<S: BlockStore> MetaGroup<S> {
@@ -93,7 +93,7 @@ impl<S: BlockStore> MetaGroup<S> {
     /// A second handle on the same replica, for a router that owns its
     /// groups. Shutting either down stops the replica.
     pub fn router_handle(&self) -> ShardGroup<S> {
-        ShardGroup::from_parts(self.group.spec(), self.group.raft().clone(), self.group.store().clone())
+        self.group.handle()
     }
 
     /// Make this replica the first member of a new meta group of `members`

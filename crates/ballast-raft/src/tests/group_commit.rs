@@ -40,8 +40,8 @@ impl LogStore for SlowSync {
     fn sync(&self) -> Result<(), StorageError> {
         self.inner.sync()
     }
-    fn delete_group(&self, g: GroupId) -> Result<(), StorageError> {
-        self.inner.delete_group(g)
+    fn delete_group(&self, g: GroupId, keep: &[&str]) -> Result<(), StorageError> {
+        self.inner.delete_group(g, keep)
     }
 }
 

@@ -67,6 +67,7 @@ pub async fn start_node(router: &Arc<LocalRouter<RocksStore>>, id: NodeId, dir: 
     let shard =
         start_shard(spec, config, &writer, store.clone(), &snaps, router.transport(id)).await.expect("start shard");
     router.register(id, GROUP, shard.raft().clone(), shard_snapshot_dir(&snaps, SHARD));
+    shard.enable_realign().await.expect("enable realign");
     Node { id, dir: dir.to_path_buf(), store, writer, shard }
 }
 

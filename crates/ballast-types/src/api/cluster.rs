@@ -445,6 +445,17 @@ pub struct ScrubReport {
     pub repaired: u64,
     /// Of those, not repaired (no healthy copy, or the repair failed).
     pub unrepaired: u64,
+    /// Intact copies that differed from a strict majority of their shard's
+    /// voters (found by the nodes leading shards; one per replica and block).
+    pub divergent_found: u64,
+    /// Of those, equal to the majority once the realign entry applied.
+    pub realigned: u64,
+    /// Of those, not realigned (written meanwhile, or no majority copy to
+    /// send; the next pass retries).
+    pub unrealigned: u64,
+    /// Blocks whose intact copies differed with no value held by a strict
+    /// majority: left as they are.
+    pub no_majority: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
