@@ -152,29 +152,12 @@ pub enum ClusterCmd {
         out: OutArgs,
     },
     /// Move every replica off a node (e.g. before retiring it); it then takes
-    /// no new ones. I/O continues throughout.
-    Drain {
-        /// The node, as `cluster status` names it (`node-3` or `3`).
-        #[arg(value_parser = parse_node)]
-        node: u64,
-        /// Return once the drain is recorded instead of waiting for the moves.
-        #[arg(long)]
-        no_wait: bool,
-        /// Give up waiting after this long (e.g. 30m).
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_wait)]
-        timeout: std::time::Duration,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    /// no new ones. I/O continues throughout. Also `ballast node drain`.
+    Drain(DrainArgs),
     /// Forget a node that holds no replicas (drained, or down and rebuilt
-    /// elsewhere). Members of the meta group cannot be removed yet.
-    Remove {
-        /// The node, as `cluster status` names it (`node-3` or `3`).
-        #[arg(value_parser = parse_node)]
-        node: u64,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    /// elsewhere). Members of the meta group cannot be removed yet. Also
+    /// `ballast node remove`.
+    Remove(RemoveArgs),
     /// Wait until every shard has all its replicas complete (after a node
     /// loss, a drain or a restart), showing progress; exit 1 on timeout.
     WaitHealthy {
@@ -431,22 +414,8 @@ pub async fn cluster(cmd: ClusterCmd) -> Result<()> {
             }
             Ok(())
         }
-        ClusterCmd::Drain { node, no_wait, timeout, conn } => {
-            let admin = conn.admin(ClientConfig::default())?;
-            admin.drain_node(ballast_types::NodeId(node)).await?;
-            if no_wait {
-                println!("draining node-{node}: its replicas are moving to other nodes");
-                return Ok(());
-            }
-            wait_until_whole(&admin, Some(node), timeout).await?;
-            println!("node-{node} drained: it holds no replicas; `ballast cluster remove node-{node}` forgets it");
-            Ok(())
-        }
-        ClusterCmd::Remove { node, conn } => {
-            conn.admin(ClientConfig::default())?.remove_node(ballast_types::NodeId(node)).await?;
-            println!("node-{node} removed from the cluster");
-            Ok(())
-        }
+        ClusterCmd::Drain(args) => drain(args).await,
+        ClusterCmd::Remove(args) => remove(args).await,
         ClusterCmd::WaitHealthy { timeout, conn } => {
             let admin = conn.admin(ClientConfig::default())?;
             wait_until_whole(&admin, None, timeout).await?;
@@ -454,6 +423,54 @@ pub async fn cluster(cmd: ClusterCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A node to drain (`ballast node drain`, `ballast cluster drain`).
+#[derive(clap::Args)]
+pub struct DrainArgs {
+    /// The node, as `cluster status` names it (`node-3` or `3`).
+    #[arg(value_parser = parse_node)]
+    pub node: u64,
+    /// Return once the drain is recorded instead of waiting for the moves.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this long (e.g. 30m).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_wait)]
+    pub timeout: std::time::Duration,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// A node to forget (`ballast node remove`, `ballast cluster remove`).
+#[derive(clap::Args)]
+pub struct RemoveArgs {
+    /// The node, as `cluster status` names it (`node-3` or `3`).
+    #[arg(value_parser = parse_node)]
+    pub node: u64,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// Move every replica off the node and (unless `--no-wait`) wait until it holds none.
+pub async fn drain(args: DrainArgs) -> Result<()> {
+    let DrainArgs { node, no_wait, timeout, conn } = args;
+    let admin = conn.admin(ClientConfig::default())?;
+    admin.drain_node(ballast_types::NodeId(node)).await?;
+    if no_wait {
+        println!("draining node-{node}: its replicas are moving to other nodes");
+        return Ok(());
+    }
+    wait_until_whole(&admin, Some(node), timeout).await?;
+    println!("node-{node} drained: it holds no replicas; `ballast node remove node-{node}` forgets it");
+    Ok(())
+}
+
+/// Forget a node that holds no replicas.
+pub async fn remove(args: RemoveArgs) -> Result<()> {
+    let RemoveArgs { node, conn } = args;
+    conn.admin(ClientConfig::default())?.remove_node(ballast_types::NodeId(node)).await?;
+    println!("node-{node} removed from the cluster");
+    Ok(())
 }
 
 pub async fn pool(cmd: PoolCmd) -> Result<()> {

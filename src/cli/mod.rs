@@ -61,7 +61,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run a storage node (until SIGINT/SIGTERM).
+    /// Run a storage node (until SIGINT/SIGTERM); `node drain` and `node remove` act on one.
     Node(node::NodeArgs),
     /// Is the cluster healthy: nodes, disks, shards, per-volume IOPS (`--watch` redraws).
     Status(status::StatusArgs),
@@ -92,7 +92,10 @@ pub enum Command {
 
 pub async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Node(args) => node::run(args).await,
+        Command::Node(mut args) => match args.action.take() {
+            Some(action) => node::act(*action).await,
+            None => node::run(args).await,
+        },
         Command::Status(args) => status::run(args).await,
         Command::Cluster(cmd) => admin::cluster(cmd).await,
         Command::Pool(cmd) => admin::pool(cmd).await,

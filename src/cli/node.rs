@@ -19,7 +19,11 @@ use super::{parse_addr, parse_name, parse_socket_addr, UsageError};
     BALLAST_REBUILD_RATE, BALLAST_TLS_CA, BALLAST_TLS_CERT, BALLAST_TLS_KEY, BALLAST_JOIN_TOKEN, BALLAST_SCRUB_RATE, \
     BALLAST_SCRUB_INTERVAL) or from the TOML file of --config (keys data_dirs, listen, advertise, zone, metrics, join, \
     down_after, rebuild_rate, tls_ca, tls_cert, tls_key, join_token, scrub_rate, scrub_interval). A flag beats the environment, which beats the file.")]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct NodeArgs {
+    /// Without an action: run the node.
+    #[command(subcommand)]
+    pub action: Option<Box<NodeAction>>,
     /// A disk for this node's data, one RocksDB each; repeat for several disks.
     #[arg(long = "data-dir", value_name = "DIR")]
     pub data_dirs: Vec<PathBuf>,
@@ -116,6 +120,26 @@ pub fn settings(args: &NodeArgs) -> Result<NodeSettings, UsageError> {
     };
     let env = env_layer(|k| std::env::var(k).ok());
     merge(&args.flag_layer(), &env, &file).map_err(UsageError)
+}
+
+/// What `ballast node ACTION` does to a node of a running cluster (instead
+/// of running one).
+#[derive(clap::Subcommand)]
+pub enum NodeAction {
+    /// Move every replica off a node (e.g. before retiring it); it then takes
+    /// no new ones. I/O continues throughout; waits until it holds none.
+    Drain(super::admin::DrainArgs),
+    /// Forget a node that holds no replicas (drained, or down and rebuilt
+    /// elsewhere). Members of the meta group cannot be removed yet.
+    Remove(super::admin::RemoveArgs),
+}
+
+/// Carry out `ballast node ACTION`.
+pub async fn act(action: NodeAction) -> Result<()> {
+    match action {
+        NodeAction::Drain(args) => super::admin::drain(args).await,
+        NodeAction::Remove(args) => super::admin::remove(args).await,
+    }
 }
 
 pub async fn run(args: NodeArgs) -> Result<()> {
