@@ -66,40 +66,24 @@ struct State {
     next_seed: usize,
     /// Liveness, rebuilds and moves ([`crate::repair`]).
     healer: crate::repair::Healer,
-    /// When a meta member last asked the other nodes for the map.
-    last_fetch: Option<std::time::Instant>,
 }
-
-/// How often a meta member that does not lead checks its meta replica's map
-/// against the other nodes'.
-const CROSS_CHECK_EVERY: Duration = Duration::from_secs(3);
 
 async fn tick(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
     let me = NodeId(inner.id());
     match inner.meta.get() {
-        Some(meta) => {
+        // A meta replica that follows a leader holds the map as committed
+        // (perhaps a little behind). One that hears from no leader may have
+        // been replaced in the meta group while this node was away: its map
+        // would never move again, so the map comes from the other nodes.
+        Some(meta) if meta.leader().is_some() => {
             let m = meta.local_map();
             if !m.is_initialized() {
                 return Ok(());
             }
             inner.map.update(m.placement());
-            // A meta replica may lag, or may have been replaced in the meta
-            // group while this node was away (its map then never moves
-            // again, whatever leader it thinks it knows): a member that does
-            // not lead also asks the others, at once when it knows no
-            // leader, else now and then. The newer map wins.
-            let leader = meta.leader().map(|(id, _)| id);
-            let due = state.last_fetch.is_none_or(|t| t.elapsed() >= CROSS_CHECK_EVERY);
-            if leader != Some(me.0) && (leader.is_none() || due) {
-                state.last_fetch = Some(std::time::Instant::now());
-                if let Err(e) = fetch_map(inner, state).await {
-                    if leader.is_none() {
-                        return Err(e);
-                    }
-                }
-            }
         }
-        None => fetch_map(inner, state).await?,
+        Some(meta) if !meta.local_map().is_initialized() => return Ok(()),
+        _ => fetch_map(inner, state).await?,
     }
     let map = inner.map.map();
     let mut problems = Vec::new();

@@ -241,16 +241,8 @@ impl<S: BlockStore> ShardGroup<S> {
     /// Make the group's voters exactly `voters` and drop the others from the
     /// group (leader only; every new voter must be a learner already). One
     /// joint-consensus change; openraft refuses it while another is under way.
-    /// Returns once the change is committed: a removed replica may then be
-    /// deleted.
     pub async fn set_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ShardError> {
-        let now = self.membership();
-        if now.voters == voters && !now.joint {
-            // The latest configuration in the log is already `voters`, but
-            // it may not be committed (an earlier call gave up, a leader
-            // died): commit a barrier, which commits everything before it.
-            // Only then may the caller act as if the old voters were gone.
-            self.write(ShardRequest::Noop).await?;
+        if self.membership().voters == voters {
             return Ok(());
         }
         self.raft.change_membership(voters, false).await.map_err(|e| self.management(e))?;
