@@ -184,24 +184,29 @@ fn damaged_blocks(dir: &Path, shard: ShardId, volume: VolumeId, data: &[u8]) -> 
     bad
 }
 
-#[test]
-fn damaged_blocks_are_read_from_healthy_replicas_and_repaired_by_read_and_scrub() {
-    let seed = seed("integrity");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let root = tempfile::Builder::new().prefix("ballast-integrity-").tempdir().expect("tempdir");
-    let mut cluster = Cluster::start(root.path());
+/// Form a 3-replica, 1-shard cluster with an 8 MiB volume `v` filled with
+/// seeded data (every block); its id, its shard and the data.
+fn seeded_volume(cluster: &Cluster, root: &Path, seed: u64) -> (VolumeId, ShardId, Vec<u8>) {
     cluster.cli(&["cluster", "init", "--replicas", "3", "--shards", "1"], SHORT);
     cluster.cli(&["volume", "create", "v", "--size", "8MiB"], SHORT);
     let info = cluster.json(&["volume", "info", "v", "--output", "json"]);
     let volume = VolumeId(info["id"].as_u64().expect("volume id"));
     let status = cluster.json(&["cluster", "status", "--output", "json"]);
     let shard = ShardId(status["shards"][0]["id"].as_u64().expect("shard id") as u32);
-
-    // Seeded data in every block.
     let data = random_bytes(seed, SIZE as usize);
-    let image = root.path().join("image.raw");
+    let image = root.join("image.raw");
     std::fs::write(&image, &data).expect("image");
     cluster.cli(&["volume", "import", "v", image.to_str().expect("path")], SHORT);
+    (volume, shard, data)
+}
+
+#[test]
+fn damaged_blocks_are_read_from_healthy_replicas_and_repaired_by_read_and_scrub() {
+    let seed = seed("integrity");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root = tempfile::Builder::new().prefix("ballast-integrity-").tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(root.path());
+    let (volume, shard, data) = seeded_volume(&cluster, root.path(), seed);
     let exported = root.path().join("first.raw");
     cluster.cli(&["volume", "export", "v", exported.to_str().expect("path")], SHORT);
     assert_same_bytes("data before any damage", &std::fs::read(&exported).expect("export"), &data);
@@ -298,16 +303,7 @@ fn intact_blocks_that_differ_from_their_peers_are_found_by_comparing_replicas_an
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let root = tempfile::Builder::new().prefix("ballast-divergence-").tempdir().expect("tempdir");
     let mut cluster = Cluster::start(root.path());
-    cluster.cli(&["cluster", "init", "--replicas", "3", "--shards", "1"], SHORT);
-    cluster.cli(&["volume", "create", "v", "--size", "8MiB"], SHORT);
-    let info = cluster.json(&["volume", "info", "v", "--output", "json"]);
-    let volume = VolumeId(info["id"].as_u64().expect("volume id"));
-    let status = cluster.json(&["cluster", "status", "--output", "json"]);
-    let shard = ShardId(status["shards"][0]["id"].as_u64().expect("shard id") as u32);
-    let data = random_bytes(seed, SIZE as usize);
-    let image = root.path().join("image.raw");
-    std::fs::write(&image, &data).expect("image");
-    cluster.cli(&["volume", "import", "v", image.to_str().expect("path")], SHORT);
+    let (volume, shard, data) = seeded_volume(&cluster, root.path(), seed);
 
     // A follower, stopped: other intact values for some blocks, one block gone.
     let follower = (cluster.index_of(cluster.leader()) + 1) % 3;
