@@ -72,11 +72,7 @@ async fn three_replicas_survive_leader_loss_and_a_restarted_replica_catches_up()
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
     let router = LocalRouter::new();
     let config = test_config();
-    let mut nodes = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
-        nodes.push(start_node(&router, i as u64 + 1, d.path(), &config).await);
-    }
-    nodes[0].shard.initialize(members(&[1, 2, 3])).await.expect("initialize");
+    let mut nodes = start_group(&router, &dirs, &config).await;
     let mut model = vec![0u8; VOLUME_SIZE as usize];
 
     let l = leader(&nodes.iter().collect::<Vec<_>>()).await;

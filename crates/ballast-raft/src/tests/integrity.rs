@@ -36,11 +36,7 @@ async fn a_damaged_leader_block_is_read_from_a_caught_up_follower_and_repaired_t
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
     let router = LocalRouter::new();
     let config = test_config();
-    let mut nodes = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
-        nodes.push(start_node(&router, i as u64 + 1, d.path(), &config).await);
-    }
-    nodes[0].shard.initialize(members(&[1, 2, 3])).await.expect("initialize");
+    let nodes = start_group(&router, &dirs, &config).await;
     let l = leader(&nodes.iter().collect::<Vec<_>>()).await;
     let lead = nodes.iter().find(|n| n.id == l).expect("leader");
     let data: Vec<u8> = (0..16 * 4096).map(|_| rng.gen()).collect();
@@ -174,11 +170,7 @@ async fn replicas_digest_at_one_log_index_and_only_the_divergent_target_is_reali
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
     let router = LocalRouter::new();
     let config = test_config();
-    let mut nodes = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
-        nodes.push(start_node(&router, i as u64 + 1, d.path(), &config).await);
-    }
-    nodes[0].shard.initialize(members(&[1, 2, 3])).await.expect("initialize");
+    let mut nodes = start_group(&router, &dirs, &config).await;
     let l = leader(&nodes.iter().collect::<Vec<_>>()).await;
     let data: Vec<u8> = (0..16 * 4096).map(|_| rng.gen()).collect();
     let block = |b: u64| &data[b as usize * 4096..(b as usize + 1) * 4096];

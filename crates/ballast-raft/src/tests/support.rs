@@ -72,6 +72,22 @@ pub async fn start_node(router: &Arc<LocalRouter<RocksStore>>, id: NodeId, dir: 
 }
 
 /// Stop a node and release its disk (so it can be reopened).
+/// Start a replica in each of `dirs` (node ids 1, 2, ...) and form their
+/// group from the first.
+pub async fn start_group(
+    router: &Arc<LocalRouter<RocksStore>>,
+    dirs: &[tempfile::TempDir],
+    config: &ShardConfig,
+) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        nodes.push(start_node(router, i as u64 + 1, d.path(), config).await);
+    }
+    let ids: Vec<NodeId> = (1..=dirs.len() as u64).collect();
+    nodes[0].shard.initialize(members(&ids)).await.expect("initialize");
+    nodes
+}
+
 pub async fn kill(router: &LocalRouter<RocksStore>, node: Node) -> PathBuf {
     router.unregister(node.id, GROUP);
     node.shard.shutdown().await.expect("shutdown");
