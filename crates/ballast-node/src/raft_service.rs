@@ -117,7 +117,15 @@ impl<S: BlockStore> RaftService<S> {
         let req = RaftRequest::try_from(m).map_err(ApiError::from)?;
         let replica = self.route(&req.envelope)?;
         let rpc = codec::decode(&req.payload).map_err(invalid)?;
-        let resp = replica.group.raft().vote(rpc).await.map_err(unavailable)?;
+        let resp = ballast_raft::shard::answer_vote(replica.group.raft(), rpc, false).await.map_err(unavailable)?;
+        encoded(&resp)
+    }
+
+    async fn pre_vote(&self, m: pb::RaftRequest) -> Result<Bytes, ApiError> {
+        let req = RaftRequest::try_from(m).map_err(ApiError::from)?;
+        let replica = self.route(&req.envelope)?;
+        let rpc = codec::decode(&req.payload).map_err(invalid)?;
+        let resp = ballast_raft::shard::answer_vote(replica.group.raft(), rpc, true).await.map_err(unavailable)?;
         encoded(&resp)
     }
 
@@ -255,6 +263,10 @@ impl<S: BlockStore> Raft for RaftService<S> {
 
     async fn vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         reply(RaftService::vote(self, request.into_inner()).await)
+    }
+
+    async fn pre_vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        reply(RaftService::pre_vote(self, request.into_inner()).await)
     }
 
     async fn install_snapshot(

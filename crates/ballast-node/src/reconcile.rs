@@ -71,19 +71,36 @@ struct State {
 async fn tick(inner: &Arc<NodeInner>, state: &mut State) -> Result<(), String> {
     let me = NodeId(inner.id());
     match inner.meta.get() {
-        // A meta replica that follows a leader holds the map as committed
-        // (perhaps a little behind). One that hears from no leader may have
-        // been replaced in the meta group while this node was away: its map
-        // would never move again, so the map comes from the other nodes.
-        Some(meta) if meta.leader().is_some() => {
+        // The meta leader's map is the map.
+        Some(meta) if meta.leader().is_some_and(|(id, _)| id == me.0) => {
             let m = meta.local_map();
             if !m.is_initialized() {
                 return Ok(());
             }
             inner.map.update(m.placement());
         }
-        Some(meta) if !meta.local_map().is_initialized() => return Ok(()),
-        _ => fetch_map(inner, state).await?,
+        Some(meta) => {
+            // A follower's map is the map as committed, perhaps a little
+            // behind. But a meta replica replaced in the group while this
+            // node was away or cut off may not know it: it hears from no
+            // leader, or still names its last one, and its map never moves
+            // again. So a follower also asks the meta leader (through any
+            // node) for anything newer; the newest version wins.
+            let m = meta.local_map();
+            let local = meta.leader().is_some() && m.is_initialized();
+            if local {
+                inner.map.update(m.placement());
+            } else if !m.is_initialized() && meta.leader().is_none() {
+                return Ok(());
+            }
+            if let Err(e) = fetch_map(inner, state).await {
+                if !local {
+                    return Err(e);
+                }
+                tracing::debug!("checking the map with the meta leader: {e}");
+            }
+        }
+        None => fetch_map(inner, state).await?,
     }
     let map = inner.map.map();
     let mut problems = Vec::new();

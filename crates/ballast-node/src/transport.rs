@@ -201,6 +201,19 @@ impl Transport for GrpcTransport {
         unary(target, timeout, client.vote(req)).await
     }
 
+    async fn pre_vote(
+        &self,
+        target: NodeId,
+        node: &BallastNode,
+        group: u64,
+        rpc: VoteRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> Result<VoteResponse<TypeConfig>, TransportError> {
+        let mut client = self.client(target, node)?;
+        let req = self.request(target, GroupId(group), &rpc, timeout)?;
+        unary(target, timeout, client.pre_vote(req)).await
+    }
+
     async fn full_snapshot(
         &self,
         target: NodeId,

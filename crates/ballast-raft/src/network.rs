@@ -71,6 +71,16 @@ pub trait Transport: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<VoteResponse<TypeConfig>, TransportError>> + Send;
 
+    /// Ask `target` whether it would grant `rpc` (changes nothing there).
+    fn pre_vote(
+        &self,
+        target: NodeId,
+        node: &BallastNode,
+        group: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<VoteResponse<TypeConfig>, TransportError>> + Send;
+
     /// Stream `snapshot` to `target`, which installs it with `vote`.
     /// [`ShardSnapshot::into_frames`] gives the frames to send, in order.
     fn full_snapshot(
@@ -185,6 +195,14 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for ShardNetwork<T> {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.transport.vote(self.target, &self.node, self.group, rpc, option.hard_ttl()).await.map_err(rpc_error)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.transport.pre_vote(self.target, &self.node, self.group, rpc, option.hard_ttl()).await.map_err(rpc_error)
     }
 
     async fn full_snapshot(

@@ -13,7 +13,7 @@ use ballast_storage::{BlockStore, LogStore, Segment, StorageError, VolumeView};
 use ballast_types::{Geometry, ShardId, VolumeId};
 use bytes::Bytes;
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
-use openraft::raft::TransferLeaderRequest;
+use openraft::raft::{TransferLeaderRequest, VoteRequest, VoteResponse};
 use openraft::{Raft, ReadPolicy, SnapshotPolicy};
 
 use crate::error::ShardError;
@@ -93,6 +93,11 @@ impl ShardConfig {
             // not after the leader's own fsync: the leader's and the
             // followers' syncs then overlap, which is most of a QD1 write.
             broadcast_submitted_on_append: Some(true),
+            // A candidate first asks whether a quorum would vote for it: a
+            // replica that cannot win (cut off, back from a restart, or
+            // moved out of the group) never raises its term and deposes a
+            // healthy leader.
+            enable_pre_vote: Some(true),
             ..Default::default()
         };
         c.validate().map_err(|e| ShardError::Rejected { group, reason: e.to_string() })
@@ -142,7 +147,68 @@ pub async fn start_shard<L: LogStore, S: BlockStore, T: Transport>(
     let raft = Raft::new(spec.node, raft_config, network, log_store, sm)
         .await
         .map_err(|e| ShardError::Unavailable { group: spec.group, reason: e.to_string() })?;
+    tokio::spawn(log_role_changes(spec, raft.metrics()));
     Ok(ShardGroup::from_parts(spec, raft, store, config))
+}
+
+/// Log, once per change, who this replica thinks leads its group, in which
+/// term, and the group's voters (committed and latest): openraft's own lines
+/// do not name the group, and a replica's view of its group is what
+/// explains a stalled move or a failover. Ends when the replica stops.
+pub(crate) async fn log_role_changes(
+    spec: ShardSpec,
+    mut rx: openraft::type_config::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
+) {
+    let mut last = None;
+    loop {
+        let now = {
+            let m = rx.borrow_watched();
+            let ids = |c: &openraft::type_config::alias::StoredMembershipOf<TypeConfig>| {
+                c.membership()
+                    .get_joint_config()
+                    .iter()
+                    .map(|s| s.iter().copied().collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            };
+            (m.current_term, m.current_leader, ids(&m.membership_config), ids(&m.committed_membership_config))
+        };
+        if last.as_ref() != Some(&now) {
+            let (term, leader, latest, committed) = &now;
+            tracing::info!(group = %spec.group, node = spec.node, term = ?term, leader = ?leader, ?latest, ?committed, "group view");
+            last = Some(now);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Answer a vote request (with `pre`, a Pre-Vote: would this replica vote?)
+/// for a replica of a group.
+///
+/// A replica that holds a vote but no log (no entry, no snapshot) was
+/// deleted and made again on this node (the node keeps the vote when it
+/// deletes a replica). It remembers nothing its group committed, so it
+/// grants no vote until a leader has sent it the log: otherwise a member
+/// cut off since before a move, whose stale configuration still names this
+/// node, could win an election with its help and overwrite committed
+/// entries on the others. Only a replica that never took part in its group
+/// (term 0: a group being formed) votes with an empty log.
+pub async fn answer_vote<S: BlockStore>(
+    raft: &ShardRaft<S>,
+    rpc: VoteRequest<TypeConfig>,
+    pre: bool,
+) -> Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>> {
+    let (vote, last) = raft.with_raft_state(|st| (*st.vote_ref(), st.log_ids.last().cloned())).await?;
+    if last.is_none() && vote.leader_id.term > 0 {
+        tracing::info!(candidate = %rpc.vote, pre, "vote refused: this replica was made again and holds no log yet");
+        return Ok(VoteResponse::new(vote, None, false));
+    }
+    if pre {
+        raft.pre_vote(rpc).await
+    } else {
+        raft.vote(rpc).await
+    }
 }
 
 fn leader_of(group: GroupId, f: &ForwardToLeader<TypeConfig>) -> (GroupId, Option<NodeId>, Option<String>) {
@@ -241,8 +307,16 @@ impl<S: BlockStore> ShardGroup<S> {
     /// Make the group's voters exactly `voters` and drop the others from the
     /// group (leader only; every new voter must be a learner already). One
     /// joint-consensus change; openraft refuses it while another is under way.
+    /// Returns once `voters` is the group's committed configuration, so a
+    /// caller may report the move as done.
     pub async fn set_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ShardError> {
-        if self.membership().voters == voters {
+        let now = self.membership();
+        if now.voters == voters && !now.joint {
+            // Already the latest configuration in this replica's log, but
+            // maybe not committed (a leader that began the change lost its
+            // quorum, or this one was just elected): a barrier entry commits
+            // it, or fails if this replica cannot reach a quorum.
+            self.write(ShardRequest::Noop).await?;
             return Ok(());
         }
         self.raft.change_membership(voters, false).await.map_err(|e| self.management(e))?;

@@ -119,7 +119,19 @@ impl<S: BlockStore> Transport for LocalTransport<S> {
         timeout: Duration,
     ) -> Result<VoteResponse<TypeConfig>, TransportError> {
         let (raft, _) = self.target(target, group)?;
-        within(target, timeout, raft.vote(rpc)).await
+        within(target, timeout, crate::shard::answer_vote(&raft, rpc, false)).await
+    }
+
+    async fn pre_vote(
+        &self,
+        target: NodeId,
+        _node: &BallastNode,
+        group: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> Result<VoteResponse<TypeConfig>, TransportError> {
+        let (raft, _) = self.target(target, group)?;
+        within(target, timeout, crate::shard::answer_vote(&raft, rpc, true)).await
     }
 
     async fn full_snapshot(
