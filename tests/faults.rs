@@ -470,13 +470,11 @@ async fn run_suite(fault: Fault) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open bug: a move back onto a node that was marked down and returned can stall (the shard stays joining past 120 s); see docs/failure-model.md"]
 async fn kill_shard_leader() {
     run_suite(Fault::KillLeader).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open bug: a move back onto a node that was marked down and returned can stall (the shard stays joining past 120 s); see docs/failure-model.md"]
 async fn kill_follower() {
     run_suite(Fault::KillFollower).await;
 }
@@ -492,7 +490,6 @@ async fn clean_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open bug: stale reads after the partition heals (round 6 of seed 188872598047174169); see docs/failure-model.md"]
 async fn partition_a_leader() {
     run_suite(Fault::Partition).await;
 }

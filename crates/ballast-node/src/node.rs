@@ -577,7 +577,11 @@ impl NodeInner {
             // The vote stays: a replica made here again must not vote twice
             // in a term, nor take an old leader's entries (a deposed leader
             // that missed its deposition would count it toward a quorum).
-            log.delete_group(group.0, &[ballast_raft::log_store::VOTE_KEY])?;
+            // Marked first, so a crash in between leaves a replica that
+            // still has its log (the mark matters only without one).
+            use ballast_raft::log_store::{REMADE_KEY, VOTE_KEY};
+            log.put_state(group.0, REMADE_KEY, bytes::Bytes::from_static(b"1"))?;
+            log.delete_group(group.0, &[VOTE_KEY, REMADE_KEY])?;
             let snapshots = shard_snapshot_dir(&dir.join("snapshots"), shard);
             match std::fs::remove_dir_all(&snapshots) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(NodeError::Io(e)),

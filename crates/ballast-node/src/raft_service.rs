@@ -117,7 +117,7 @@ impl<S: BlockStore> RaftService<S> {
         let req = RaftRequest::try_from(m).map_err(ApiError::from)?;
         let replica = self.route(&req.envelope)?;
         let rpc = codec::decode(&req.payload).map_err(invalid)?;
-        let resp = ballast_raft::shard::answer_vote(replica.group.raft(), rpc, false).await.map_err(unavailable)?;
+        let resp = replica.group.answer_vote(rpc, false).await.map_err(unavailable)?;
         encoded(&resp)
     }
 
@@ -125,7 +125,7 @@ impl<S: BlockStore> RaftService<S> {
         let req = RaftRequest::try_from(m).map_err(ApiError::from)?;
         let replica = self.route(&req.envelope)?;
         let rpc = codec::decode(&req.payload).map_err(invalid)?;
-        let resp = ballast_raft::shard::answer_vote(replica.group.raft(), rpc, true).await.map_err(unavailable)?;
+        let resp = replica.group.answer_vote(rpc, true).await.map_err(unavailable)?;
         encoded(&resp)
     }
 

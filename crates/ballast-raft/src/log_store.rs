@@ -26,6 +26,10 @@ use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 /// The state value holding a group's vote (kept when its replica is deleted).
 pub const VOTE_KEY: &str = "vote";
+/// Present for a group whose replica on this disk was deleted (its vote
+/// kept): a replica made again there refuses votes until it holds a log
+/// (see [`crate::shard::ShardGroup::answer_vote`]).
+pub const REMADE_KEY: &str = "remade";
 const PURGED_KEY: &str = "purged";
 
 #[derive(Default)]

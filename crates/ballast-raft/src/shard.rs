@@ -127,6 +127,8 @@ pub struct ShardGroup<S: BlockStore> {
     lease_off_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     /// How long a lease lasts (openraft's is `election_timeout_max`).
     lease: Duration,
+    /// This node deleted an earlier replica of the group (see [`Self::answer_vote`]).
+    remade: bool,
 }
 
 /// Start (or restart, from what `log` and `store` hold) the replica `spec`.
@@ -140,6 +142,7 @@ pub async fn start_shard<L: LogStore, S: BlockStore, T: Transport>(
     transport: Arc<T>,
 ) -> Result<ShardGroup<S>, ShardError> {
     let raft_config = Arc::new(config.openraft(spec.group)?);
+    let remade = log.store().get_state(spec.group, crate::log_store::REMADE_KEY)?.is_some();
     let log_store = ShardLogStore::open(spec.group, log.clone())?;
     let sm = ShardStateMachine::open(store.clone(), spec.shard, snapshot_dir)
         .map_err(|e| ShardError::Unavailable { group: spec.group, reason: e.to_string() })?;
@@ -148,7 +151,7 @@ pub async fn start_shard<L: LogStore, S: BlockStore, T: Transport>(
         .await
         .map_err(|e| ShardError::Unavailable { group: spec.group, reason: e.to_string() })?;
     tokio::spawn(log_role_changes(spec, raft.metrics()));
-    Ok(ShardGroup::from_parts(spec, raft, store, config))
+    Ok(ShardGroup::from_parts(spec, raft, store, config, remade))
 }
 
 /// Log, once per change, who this replica thinks leads its group, in which
@@ -183,42 +186,50 @@ pub(crate) async fn log_role_changes(
     }
 }
 
-/// Answer a vote request (with `pre`, a Pre-Vote: would this replica vote?)
-/// for a replica of a group.
-///
-/// A replica that holds a vote but no log (no entry, no snapshot) was
-/// deleted and made again on this node (the node keeps the vote when it
-/// deletes a replica). It remembers nothing its group committed, so it
-/// grants no vote until a leader has sent it the log: otherwise a member
-/// cut off since before a move, whose stale configuration still names this
-/// node, could win an election with its help and overwrite committed
-/// entries on the others. Only a replica that never took part in its group
-/// (term 0: a group being formed) votes with an empty log.
-pub async fn answer_vote<S: BlockStore>(
-    raft: &ShardRaft<S>,
-    rpc: VoteRequest<TypeConfig>,
-    pre: bool,
-) -> Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>> {
-    let (vote, last) = raft.with_raft_state(|st| (*st.vote_ref(), st.log_ids.last().cloned())).await?;
-    if last.is_none() && vote.leader_id.term > 0 {
-        tracing::info!(candidate = %rpc.vote, pre, "vote refused: this replica was made again and holds no log yet");
-        return Ok(VoteResponse::new(vote, None, false));
-    }
-    if pre {
-        raft.pre_vote(rpc).await
-    } else {
-        raft.vote(rpc).await
-    }
-}
-
 fn leader_of(group: GroupId, f: &ForwardToLeader<TypeConfig>) -> (GroupId, Option<NodeId>, Option<String>) {
     (group, f.leader_id, f.leader_node.as_ref().map(|n| n.addr.clone()))
 }
 
 impl<S: BlockStore> ShardGroup<S> {
-    pub(crate) fn from_parts(spec: ShardSpec, raft: ShardRaft<S>, store: Arc<S>, config: &ShardConfig) -> Self {
+    pub(crate) fn from_parts(
+        spec: ShardSpec,
+        raft: ShardRaft<S>,
+        store: Arc<S>,
+        config: &ShardConfig,
+        remade: bool,
+    ) -> Self {
         let lease_off_until = Arc::default();
-        Self { spec, raft, store, lease_off_until, lease: config.election_timeout_max }
+        Self { spec, raft, store, lease_off_until, lease: config.election_timeout_max, remade }
+    }
+
+    /// Answer a vote request (with `pre`, a Pre-Vote: would this replica
+    /// vote?).
+    ///
+    /// A replica made again on a node that deleted it earlier (marked with
+    /// [`REMADE_KEY`](crate::log_store::REMADE_KEY); the node kept its
+    /// vote) remembers nothing its group committed. Until a leader has sent
+    /// it the log (an entry or a snapshot) it grants no vote: otherwise a
+    /// member cut off since before a move, whose stale configuration still
+    /// names this node, could win an election with its help and overwrite
+    /// committed entries on the others. A replica that was never deleted
+    /// votes with an empty log (a group being formed needs that).
+    pub async fn answer_vote(
+        &self,
+        rpc: VoteRequest<TypeConfig>,
+        pre: bool,
+    ) -> Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>> {
+        if self.remade {
+            let (vote, last) = self.raft.with_raft_state(|st| (*st.vote_ref(), st.log_ids.last().cloned())).await?;
+            if last.is_none() {
+                tracing::info!(group = %self.spec.group, candidate = %rpc.vote, pre, "vote refused: this replica was made again and holds no log yet");
+                return Ok(VoteResponse::new(vote, None, false));
+            }
+        }
+        if pre {
+            self.raft.pre_vote(rpc).await
+        } else {
+            self.raft.vote(rpc).await
+        }
     }
 
     /// A second handle on the same replica (shutting either down stops it).
@@ -229,6 +240,7 @@ impl<S: BlockStore> ShardGroup<S> {
             store: self.store.clone(),
             lease_off_until: self.lease_off_until.clone(),
             lease: self.lease,
+            remade: self.remade,
         }
     }
 

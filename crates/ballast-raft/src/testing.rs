@@ -119,7 +119,7 @@ impl<S: BlockStore> Transport for LocalTransport<S> {
         timeout: Duration,
     ) -> Result<VoteResponse<TypeConfig>, TransportError> {
         let (raft, _) = self.target(target, group)?;
-        within(target, timeout, crate::shard::answer_vote(&raft, rpc, false)).await
+        within(target, timeout, raft.vote(rpc)).await
     }
 
     async fn pre_vote(
@@ -131,7 +131,7 @@ impl<S: BlockStore> Transport for LocalTransport<S> {
         timeout: Duration,
     ) -> Result<VoteResponse<TypeConfig>, TransportError> {
         let (raft, _) = self.target(target, group)?;
-        within(target, timeout, crate::shard::answer_vote(&raft, rpc, true)).await
+        within(target, timeout, raft.pre_vote(rpc)).await
     }
 
     async fn full_snapshot(

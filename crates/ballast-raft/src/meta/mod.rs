@@ -78,7 +78,7 @@ pub async fn start_meta<L: LogStore, S: BlockStore, T: Transport>(
     let raft = Raft::new(node, raft_config, network, log_store, sm).await.map_err(|e| unavailable(&e))?;
     let spec = ShardSpec { group: META_GROUP, shard: META_SHARD, node };
     tokio::spawn(crate::shard::log_role_changes(spec, raft.metrics()));
-    Ok(MetaGroup { group: ShardGroup::from_parts(spec, raft, store, config), state })
+    Ok(MetaGroup { group: ShardGroup::from_parts(spec, raft, store, config, false), state })
 }
 
 impl<S: BlockStore> MetaGroup<S> {

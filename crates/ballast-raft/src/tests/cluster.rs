@@ -245,3 +245,43 @@ async fn converge(replica: &Node, lead: &Node, seed: u64) {
     })
     .await;
 }
+
+/// A replica made again where this disk deleted an earlier one (its vote
+/// kept, marked remade) remembers nothing its group committed: it grants
+/// no vote and no Pre-Vote while it holds no log, and its vote stays as it
+/// was. A replica that was never deleted grants both with an empty log (a
+/// group being formed needs that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remade_replica_refuses_votes_until_it_holds_a_log() {
+    use crate::log_store::{REMADE_KEY, VOTE_KEY};
+    use crate::types::Vote;
+    use ballast_storage::LogStore;
+    use openraft::raft::VoteRequest;
+
+    let router = LocalRouter::new();
+    let config = test_config();
+    let (fresh_dir, remade_dir) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let kept = Vote::new_committed(3, 2);
+    {
+        let store = open_store(remade_dir.path());
+        store.put_state(GROUP, VOTE_KEY, crate::codec::encode(&kept).expect("encode")).expect("vote");
+        store.put_state(GROUP, REMADE_KEY, Bytes::from_static(b"1")).expect("mark");
+    }
+    let fresh = start_node(&router, 1, fresh_dir.path(), &config).await;
+    let remade = start_node(&router, 2, remade_dir.path(), &config).await;
+    let ask = || VoteRequest::new(Vote::new(5, 3), None);
+    for pre in [true, false] {
+        let answer = remade.shard.answer_vote(ask(), pre).await.expect("answer");
+        assert!(!answer.vote_granted, "remade replica granted (pre-vote: {pre}): {answer}");
+        assert_eq!(answer.vote, kept, "the remade replica answers with the vote it kept");
+    }
+    let vote_now = remade.shard.raft().with_raft_state(|st| *st.vote_ref()).await.expect("state");
+    assert_eq!(vote_now, kept, "a refused candidate changes nothing");
+    for pre in [true, false] {
+        let answer = fresh.shard.answer_vote(ask(), pre).await.expect("answer");
+        assert!(answer.vote_granted, "a fresh replica refused (pre-vote: {pre}): {answer}");
+    }
+    for n in [fresh, remade] {
+        kill(&router, n).await;
+    }
+}
