@@ -364,7 +364,7 @@ impl AdminService {
                 return Err(ApiError::new(ErrorCode::AlreadyExists, format!("{id} exists with another address")))
             }
             Some(id) => id.0,
-            None => map.nodes.keys().max().copied().unwrap_or(0) + 1,
+            None => map.next_node_id(),
         };
         let info = NodeInfo { id: NodeId(id), addr: j.addr, zone: j.zone, up: true, disks: j.disks };
         propose(meta, MetaCommand::AddNode { node: MetaNode::from(&info) }).await?;

@@ -113,19 +113,12 @@ impl<S: BlockStore> RaftService<S> {
         encoded(&resp)
     }
 
-    async fn vote(&self, m: pb::RaftRequest) -> Result<Bytes, ApiError> {
+    /// A vote request, or with `pre` a Pre-Vote.
+    async fn vote(&self, m: pb::RaftRequest, pre: bool) -> Result<Bytes, ApiError> {
         let req = RaftRequest::try_from(m).map_err(ApiError::from)?;
         let replica = self.route(&req.envelope)?;
         let rpc = codec::decode(&req.payload).map_err(invalid)?;
-        let resp = replica.group.answer_vote(rpc, false).await.map_err(unavailable)?;
-        encoded(&resp)
-    }
-
-    async fn pre_vote(&self, m: pb::RaftRequest) -> Result<Bytes, ApiError> {
-        let req = RaftRequest::try_from(m).map_err(ApiError::from)?;
-        let replica = self.route(&req.envelope)?;
-        let rpc = codec::decode(&req.payload).map_err(invalid)?;
-        let resp = replica.group.answer_vote(rpc, true).await.map_err(unavailable)?;
+        let resp = replica.group.answer_vote(rpc, pre).await.map_err(unavailable)?;
         encoded(&resp)
     }
 
@@ -262,11 +255,11 @@ impl<S: BlockStore> Raft for RaftService<S> {
     }
 
     async fn vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        reply(RaftService::vote(self, request.into_inner()).await)
+        reply(RaftService::vote(self, request.into_inner(), false).await)
     }
 
     async fn pre_vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        reply(RaftService::pre_vote(self, request.into_inner()).await)
+        reply(RaftService::vote(self, request.into_inner(), true).await)
     }
 
     async fn install_snapshot(

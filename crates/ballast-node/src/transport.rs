@@ -194,24 +194,16 @@ impl Transport for GrpcTransport {
         node: &BallastNode,
         group: u64,
         rpc: VoteRequest<TypeConfig>,
+        pre: bool,
         timeout: Duration,
     ) -> Result<VoteResponse<TypeConfig>, TransportError> {
         let mut client = self.client(target, node)?;
         let req = self.request(target, GroupId(group), &rpc, timeout)?;
-        unary(target, timeout, client.vote(req)).await
-    }
-
-    async fn pre_vote(
-        &self,
-        target: NodeId,
-        node: &BallastNode,
-        group: u64,
-        rpc: VoteRequest<TypeConfig>,
-        timeout: Duration,
-    ) -> Result<VoteResponse<TypeConfig>, TransportError> {
-        let mut client = self.client(target, node)?;
-        let req = self.request(target, GroupId(group), &rpc, timeout)?;
-        unary(target, timeout, client.pre_vote(req)).await
+        if pre {
+            unary(target, timeout, client.pre_vote(req)).await
+        } else {
+            unary(target, timeout, client.vote(req)).await
+        }
     }
 
     async fn full_snapshot(

@@ -62,22 +62,15 @@ pub trait Transport: Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<AppendEntriesResponse<TypeConfig>, TransportError>> + Send;
 
+    /// Ask `target` for its vote; with `pre`, only whether it would grant
+    /// `rpc` (a Pre-Vote, which changes nothing there).
     fn vote(
         &self,
         target: NodeId,
         node: &BallastNode,
         group: GroupId,
         rpc: VoteRequest<TypeConfig>,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<VoteResponse<TypeConfig>, TransportError>> + Send;
-
-    /// Ask `target` whether it would grant `rpc` (changes nothing there).
-    fn pre_vote(
-        &self,
-        target: NodeId,
-        node: &BallastNode,
-        group: GroupId,
-        rpc: VoteRequest<TypeConfig>,
+        pre: bool,
         timeout: Duration,
     ) -> impl Future<Output = Result<VoteResponse<TypeConfig>, TransportError>> + Send;
 
@@ -194,7 +187,7 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for ShardNetwork<T> {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.transport.vote(self.target, &self.node, self.group, rpc, option.hard_ttl()).await.map_err(rpc_error)
+        self.transport.vote(self.target, &self.node, self.group, rpc, false, option.hard_ttl()).await.map_err(rpc_error)
     }
 
     async fn pre_vote(
@@ -202,7 +195,7 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for ShardNetwork<T> {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.transport.pre_vote(self.target, &self.node, self.group, rpc, option.hard_ttl()).await.map_err(rpc_error)
+        self.transport.vote(self.target, &self.node, self.group, rpc, true, option.hard_ttl()).await.map_err(rpc_error)
     }
 
     async fn full_snapshot(

@@ -298,10 +298,27 @@ impl<S: BlockStore> ShardGroup<S> {
     /// (leader only). Returns at once; the leader then brings each up to date
     /// through the log or a snapshot streamed in pages. Watch
     /// [`learner_lag`](Self::learner_lag) for progress.
+    ///
+    /// A learner the group already lists at another address (left from an
+    /// earlier move that did not finish) gets the new address: a learner
+    /// does not vote, so its address may change.
     pub async fn add_learners(&self, nodes: &BTreeMap<NodeId, BallastNode>) -> Result<(), ShardError> {
-        let now = self.membership();
+        let m = self.raft.metrics().borrow_watched().clone();
+        let config = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = config.voter_ids().collect();
+        let learners: BTreeMap<NodeId, String> =
+            config.learner_ids().filter_map(|id| config.get_node(&id).map(|n| (id, n.addr.clone()))).collect();
+        let moved: BTreeMap<NodeId, BallastNode> = nodes
+            .iter()
+            .filter(|(id, node)| learners.get(id).is_some_and(|addr| *addr != node.addr))
+            .map(|(id, node)| (*id, node.clone()))
+            .collect();
+        if !moved.is_empty() {
+            let change = openraft::ChangeMembers::SetNodes(moved);
+            self.raft.change_membership(change, false).await.map_err(|e| self.management(e))?;
+        }
         for (id, node) in nodes {
-            if !now.voters.contains(id) && !now.learners.contains(id) {
+            if !voters.contains(id) && !learners.contains_key(id) {
                 self.raft.add_learner(*id, node.clone(), false).await.map_err(|e| self.management(e))?;
             }
         }
@@ -309,29 +326,41 @@ impl<S: BlockStore> ShardGroup<S> {
     }
 
     /// How many log entries `node` is behind this leader (`None`: this
-    /// replica does not lead, or is not replicating to `node`).
+    /// replica does not lead, is not replicating to `node`, or `node` has
+    /// acknowledged nothing yet).
     pub fn learner_lag(&self, node: NodeId) -> Option<u64> {
         let m = self.raft.metrics().borrow_watched().clone();
-        let matched = m.replication.as_ref()?.get(&node)?.as_ref().map_or(0, |l| l.index);
+        let matched = m.replication.as_ref()?.get(&node)?.as_ref()?.index;
         Some(m.last_log_index.unwrap_or(0).saturating_sub(matched))
     }
 
-    /// Make the group's voters exactly `voters` and drop the others from the
-    /// group (leader only; every new voter must be a learner already). One
-    /// joint-consensus change; openraft refuses it while another is under way.
-    /// Returns once `voters` is the group's committed configuration, so a
-    /// caller may report the move as done.
+    /// Make the group's voters exactly `voters` and drop every other member,
+    /// learners included (leader only; every new voter must be a learner
+    /// already). One joint-consensus change; openraft refuses it while
+    /// another is under way. Returns once `voters` is the group's committed
+    /// configuration, so a caller may report the move as done.
+    ///
+    /// A learner left from a move that did not finish (its node died, or the
+    /// map chose another) is dropped here too: otherwise the leader would
+    /// go on sending to it, and a later move naming the same node would
+    /// find it listed already.
     pub async fn set_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ShardError> {
         let now = self.membership();
-        if now.voters == voters && !now.joint {
+        if now.voters != voters || now.joint {
+            self.raft.change_membership(voters.clone(), false).await.map_err(|e| self.management(e))?;
+        }
+        let stale: BTreeSet<NodeId> = self.membership().learners.into_iter().filter(|l| !voters.contains(l)).collect();
+        if !stale.is_empty() {
+            // Commits a configuration entry: a barrier as well.
+            let change = openraft::ChangeMembers::RemoveNodes(stale);
+            self.raft.change_membership(change, false).await.map_err(|e| self.management(e))?;
+        } else if now.voters == voters && !now.joint {
             // Already the latest configuration in this replica's log, but
             // maybe not committed (a leader that began the change lost its
             // quorum, or this one was just elected): a barrier entry commits
             // it, or fails if this replica cannot reach a quorum.
             self.write(ShardRequest::Noop).await?;
-            return Ok(());
         }
-        self.raft.change_membership(voters, false).await.map_err(|e| self.management(e))?;
         Ok(())
     }
 

@@ -116,22 +116,15 @@ impl<S: BlockStore> Transport for LocalTransport<S> {
         _node: &BallastNode,
         group: GroupId,
         rpc: VoteRequest<TypeConfig>,
+        pre: bool,
         timeout: Duration,
     ) -> Result<VoteResponse<TypeConfig>, TransportError> {
         let (raft, _) = self.target(target, group)?;
-        within(target, timeout, raft.vote(rpc)).await
-    }
-
-    async fn pre_vote(
-        &self,
-        target: NodeId,
-        _node: &BallastNode,
-        group: GroupId,
-        rpc: VoteRequest<TypeConfig>,
-        timeout: Duration,
-    ) -> Result<VoteResponse<TypeConfig>, TransportError> {
-        let (raft, _) = self.target(target, group)?;
-        within(target, timeout, raft.pre_vote(rpc)).await
+        if pre {
+            within(target, timeout, raft.pre_vote(rpc)).await
+        } else {
+            within(target, timeout, raft.vote(rpc)).await
+        }
     }
 
     async fn full_snapshot(

@@ -181,6 +181,45 @@ pub struct ClusterMap {
     pub next_pool: u32,
     pub next_shard: u32,
     pub next_volume: u64,
+    /// The highest node id ever added. A removed node's id is never given
+    /// again: shard groups may still list it (a learner of a move cut
+    /// short), and Raft must never take a new node for an old one.
+    pub last_node: u64,
+}
+
+/// [`ClusterMap`] as stored before `last_node`; read only, to load data
+/// written then.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct ClusterMapV1 {
+    cluster_id: u64,
+    version: u64,
+    nodes: BTreeMap<u64, MetaNode>,
+    pools: BTreeMap<u32, MetaPool>,
+    volumes: BTreeMap<u64, MetaVolume>,
+    shards: BTreeMap<u32, MetaShard>,
+    deleted: BTreeMap<u64, u32>,
+    next_pool: u32,
+    next_shard: u32,
+    next_volume: u64,
+}
+
+impl From<ClusterMapV1> for ClusterMap {
+    fn from(m: ClusterMapV1) -> Self {
+        let last_node = m.nodes.keys().max().copied().unwrap_or(0);
+        Self {
+            cluster_id: m.cluster_id,
+            version: m.version,
+            nodes: m.nodes,
+            pools: m.pools,
+            volumes: m.volumes,
+            shards: m.shards,
+            deleted: m.deleted,
+            next_pool: m.next_pool,
+            next_shard: m.next_shard,
+            next_volume: m.next_volume,
+            last_node,
+        }
+    }
 }
 
 /// What [`ClusterMap::repair_moves`] proposes.
@@ -440,6 +479,10 @@ impl ClusterMap {
                 Ok(MetaOutcome::Cluster { cluster_id: *cluster_id })
             }
             MetaCommand::AddNode { node } => {
+                if node.id <= self.last_node && !self.nodes.contains_key(&node.id) {
+                    let e = format!("{} belonged to a node since removed; ids are never reused", NodeId(node.id));
+                    return Err(err(ErrorCode::AlreadyExists, e));
+                }
                 self.add_node(node)?;
                 Ok(MetaOutcome::Done)
             }
@@ -710,8 +753,14 @@ impl ClusterMap {
         if self.nodes.values().any(|n| n.addr == node.addr) {
             return Err(err(ErrorCode::AlreadyExists, format!("address {} is taken", node.addr)));
         }
+        self.last_node = self.last_node.max(node.id);
         self.nodes.insert(node.id, node.clone());
         Ok(())
+    }
+
+    /// The id for the next node to join: above every id ever given.
+    pub fn next_node_id(&self) -> u64 {
+        self.last_node.max(self.nodes.keys().max().copied().unwrap_or(0)) + 1
     }
 
     fn create_pool(&mut self, spec: &MetaPoolSpec) -> Result<MetaPool, ApiError> {
@@ -947,6 +996,57 @@ mod tests {
         assert!(!m.nodes.contains_key(&3) && m.version == v + 1);
         m.apply(&MetaCommand::RemoveNode { node: 3 }).expect("removing again is a no-op");
         m.placement().validate().expect("valid");
+    }
+
+    #[test]
+    fn a_removed_nodes_id_is_never_given_again() {
+        let mut m = init(4);
+        m.apply(&MetaCommand::DrainNode { node: 4 }).expect("drain");
+        for (shard, voters) in m.repair_moves().moves {
+            m.apply(&MetaCommand::MoveShard { shard, voters: voters.clone() }).expect("move");
+            m.apply(&MetaCommand::ShardMoved { shard, voters }).expect("moved");
+        }
+        m.apply(&MetaCommand::RemoveNode { node: 4 }).expect("remove");
+        assert_eq!(m.next_node_id(), 5, "the highest id left is 3, but 4 was given");
+        let mut again = node(4);
+        again.addr = "10.0.0.99:7100".into();
+        assert_eq!(code(m.apply(&MetaCommand::AddNode { node: again })), ErrorCode::AlreadyExists);
+        m.apply(&MetaCommand::AddNode { node: node(5) }).expect("a new id");
+        assert_eq!(m.next_node_id(), 6);
+    }
+
+    #[test]
+    fn a_map_stored_before_last_node_loads_with_it_set() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            cluster_id: u64,
+            version: u64,
+            nodes: &'a BTreeMap<u64, MetaNode>,
+            pools: &'a BTreeMap<u32, MetaPool>,
+            volumes: &'a BTreeMap<u64, MetaVolume>,
+            shards: &'a BTreeMap<u32, MetaShard>,
+            deleted: &'a BTreeMap<u64, u32>,
+            next_pool: u32,
+            next_shard: u32,
+            next_volume: u64,
+        }
+        let m = init(3);
+        let old = Old {
+            cluster_id: m.cluster_id,
+            version: m.version,
+            nodes: &m.nodes,
+            pools: &m.pools,
+            volumes: &m.volumes,
+            shards: &m.shards,
+            deleted: &m.deleted,
+            next_pool: m.next_pool,
+            next_shard: m.next_shard,
+            next_volume: m.next_volume,
+        };
+        let bytes = crate::codec::encode(&old).expect("encode");
+        assert!(crate::codec::decode::<ClusterMap>(&bytes).is_err(), "the new layout does not read the old");
+        let loaded: ClusterMap = crate::codec::decode::<ClusterMapV1>(&bytes).expect("decode").into();
+        assert_eq!(loaded, m);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use ballast_types::{BlockKey, ShardId, VolumeId};
 use openraft::EntryPayload;
 use serde::{Deserialize, Serialize};
 
-use super::map::{ClusterMap, MetaFailure, MetaReply};
+use super::map::{ClusterMap, ClusterMapV1, MetaFailure, MetaReply};
 use crate::codec;
 use crate::error::io_err;
 use crate::snapshot::{ShardSnapshot, SnapshotHeader, SnapshotPage};
@@ -50,6 +50,39 @@ pub(crate) struct SnapshotRecord {
     pub map: ClusterMap,
 }
 
+/// [`StateRecord`] and [`SnapshotRecord`] as stored before
+/// `ClusterMap::last_node`: read when the current layout does not decode.
+#[derive(Deserialize)]
+struct StateRecordV1 {
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    map: ClusterMapV1,
+}
+
+#[derive(Deserialize)]
+struct SnapshotRecordV1 {
+    meta: SnapshotMeta,
+    map: ClusterMapV1,
+}
+
+fn decode_state(v: &[u8]) -> io::Result<StateRecord> {
+    codec::decode::<StateRecord>(v).or_else(|e| {
+        let old: StateRecordV1 = codec::decode(v).map_err(|_| e)?;
+        Ok(StateRecord { applied: old.applied, membership: old.membership, map: old.map.into() })
+    })
+}
+
+fn decode_snapshot(v: &[u8]) -> io::Result<SnapshotRecord> {
+    codec::decode::<SnapshotRecord>(v).or_else(|e| {
+        let old: SnapshotRecordV1 = codec::decode(v).map_err(|_| e)?;
+        Ok(SnapshotRecord { meta: old.meta, map: old.map.into() })
+    })
+}
+
+fn decode_map(v: &[u8]) -> io::Result<ClusterMap> {
+    codec::decode::<ClusterMap>(v).or_else(|e| Ok(codec::decode::<ClusterMapV1>(v).map_err(|_| e)?.into()))
+}
+
 /// In-memory state of the meta state machine, shared with [`super::MetaGroup`].
 #[derive(Debug, Default)]
 pub(crate) struct MetaState {
@@ -72,10 +105,10 @@ fn storage(e: StorageError) -> io::Error {
 /// Load the state from `store` (empty on a fresh disk). Blocking.
 pub(crate) fn load<S: BlockStore>(store: &S) -> io::Result<MetaState> {
     let rec: StateRecord = match store.get_meta(STATE_KEY).map_err(storage)? {
-        Some(v) => codec::decode(&v)?,
+        Some(v) => decode_state(&v)?,
         None => StateRecord::default(),
     };
-    let snapshot = store.get_meta(SNAPSHOT_KEY).map_err(storage)?.map(|v| codec::decode(&v)).transpose()?;
+    let snapshot = store.get_meta(SNAPSHOT_KEY).map_err(storage)?.map(|v| decode_snapshot(&v)).transpose()?;
     Ok(MetaState { applied: rec.applied, membership: rec.membership, map: rec.map, snapshot, replies: BTreeMap::new() })
 }
 
@@ -173,7 +206,7 @@ pub(crate) fn install<S: BlockStore>(
     let mut map = None;
     while let Some(page) = snapshot.next_page()? {
         for (_, v) in page.decoded(META_SHARD)? {
-            map = Some(codec::decode::<ClusterMap>(&v)?);
+            map = Some(decode_map(&v)?);
         }
     }
     let map = map.ok_or_else(|| io_err("meta snapshot without a map"))?;
