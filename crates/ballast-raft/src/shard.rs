@@ -266,10 +266,20 @@ impl<S: BlockStore> ShardGroup<S> {
     }
 
     /// The leader this replica knows of, with its address.
+    ///
+    /// `None` also when the leader it last knew is not a voter of its
+    /// latest configuration, or is this replica and it no longer leads: a
+    /// leader that removed itself from the group keeps its vote, and would
+    /// otherwise go on naming itself, so its node would never look for
+    /// the group's real leader.
     pub fn leader(&self) -> Option<(NodeId, BallastNode)> {
         let m = self.raft.metrics().borrow_watched().clone();
         let id = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&id).cloned().unwrap_or_default();
+        let config = m.membership_config.membership();
+        if !config.voter_ids().any(|v| v == id) || (id == self.spec.node && m.state != openraft::ServerState::Leader) {
+            return None;
+        }
+        let node = config.get_node(&id).cloned().unwrap_or_default();
         Some((id, node))
     }
 
