@@ -470,13 +470,11 @@ async fn run_suite(fault: Fault) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open: a move onto a node that returned can stay joining past 120 s (no stale read or lost write); see docs/failure-model.md"]
 async fn kill_shard_leader() {
     run_suite(Fault::KillLeader).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open: a move onto a node that returned can stay joining past 120 s (no stale read or lost write); see docs/failure-model.md"]
 async fn kill_follower() {
     run_suite(Fault::KillFollower).await;
 }
@@ -492,7 +490,6 @@ async fn clean_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open: about one round in 70 a move onto the healed node stays joining past 120 s (no stale read or lost write since the fixes); see docs/failure-model.md"]
 async fn partition_a_leader() {
     run_suite(Fault::Partition).await;
 }
@@ -513,7 +510,6 @@ async fn bit_rot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open: in about one run in five a move stays joining past 120 s (shard 3 of seed 13531382593679376442, round 0, passed when replayed); see docs/failure-model.md"]
 async fn node_loss() {
     run_suite(Fault::NodeLoss).await;
 }
