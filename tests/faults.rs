@@ -328,8 +328,11 @@ fn corrupt(dir: &Path, volume: VolumeId, blocks: &[u64]) -> usize {
     let store = {
         let mut opened = None;
         common::wait_until("the stopped node's store", SHORT, || {
-            opened =
-                RocksStore::open(dir, &RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 }).ok();
+            opened = RocksStore::open(
+                dir,
+                &RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20, ..RocksConfig::default() },
+            )
+            .ok();
             opened.is_some()
         });
         opened.expect("opened")

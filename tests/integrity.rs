@@ -158,7 +158,11 @@ fn sample(text: &str, name: &str) -> f64 {
 fn open(dir: &Path) -> RocksStore {
     let mut opened = None;
     wait_until("the data dir's lock", SHORT, || {
-        opened = RocksStore::open(dir, &RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 }).ok();
+        opened = RocksStore::open(
+            dir,
+            &RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20, ..RocksConfig::default() },
+        )
+        .ok();
         opened.is_some()
     });
     opened.expect("opened")

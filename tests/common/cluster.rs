@@ -29,7 +29,7 @@ pub fn config(listen: SocketAddr, dir: &Path, join: Vec<String>) -> NodeConfig {
         election_timeout_max: Duration::from_millis(1000),
         ..ShardConfig::default()
     };
-    c.rocks = RocksConfig { block_cache_bytes: 16 << 20, write_buffer_bytes: 8 << 20 };
+    c.rocks = RocksConfig { block_cache_bytes: 16 << 20, write_buffer_bytes: 8 << 20, ..RocksConfig::default() };
     c.reconcile_every = Duration::from_millis(200);
     c
 }

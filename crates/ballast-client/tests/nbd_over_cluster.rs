@@ -41,7 +41,7 @@ async fn start_node(id: NodeId, dir: &Path) -> NodeHandle {
         election_timeout_max: Duration::from_millis(600),
         ..ShardConfig::default()
     };
-    config.rocks = RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 };
+    config.rocks = RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20, ..RocksConfig::default() };
     config.locator = Some(Arc::new(NODE_PLACEMENT));
     let node = Node::start(config).await.expect("start node");
     for shard in SHARDS {

@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use ballast_proto::pb;
-use ballast_proto::pb::raft_client::RaftClient;
+use ballast_proto::PeerClient;
 use ballast_proto::{ProtoError, Reply};
 use ballast_raft::types::{
     BlockCopy, BlockRef, FetchBlocks, FetchDigest, FetchedBlocks, FetchedDigest, RepairBlock, RepairBlocks,
@@ -40,7 +40,6 @@ use ballast_types::{ApiError, ErrorCode, GroupId, NodeId, RaftEnvelope, RaftRequ
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::raft_service::WhoAmI;
 
@@ -56,15 +55,15 @@ pub const DIGEST_WAIT: Duration = Duration::from_secs(5);
 /// How long a `FetchDigest` call may take (its wait included).
 pub const DIGEST_TIMEOUT: Duration = Duration::from_secs(6);
 
-/// Opens (or reuses) a channel to a node address; TLS and timeouts are the
-/// node's (see `NodeInner::channel`).
-pub type Connect = Box<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>;
+/// A `Raft` client for a node address, over a reused channel; TLS, timeouts
+/// and the join token are the node's (see `NodeInner::peer_client`).
+pub type Connect = Box<dyn Fn(&str) -> Result<PeerClient, String> + Send + Sync>;
 
 /// This node's client side of `FetchBlocks` and `RepairBlocks`.
 pub struct Peers {
     who: WhoAmI,
     connect: Connect,
-    clients: Mutex<HashMap<String, RaftClient<Channel>>>,
+    clients: Mutex<HashMap<String, PeerClient>>,
 }
 
 impl Peers {
@@ -72,15 +71,12 @@ impl Peers {
         Self { who, connect, clients: Mutex::new(HashMap::new()) }
     }
 
-    fn client(&self, addr: &str) -> Result<RaftClient<Channel>, ApiError> {
+    fn client(&self, addr: &str) -> Result<PeerClient, ApiError> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let channel = (self.connect)(addr).map_err(|e| ApiError::new(ErrorCode::Unavailable, e))?;
-        let c = RaftClient::new(channel)
-            .max_decoding_message_size(ballast_proto::MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(ballast_proto::MAX_MESSAGE_SIZE);
+        let c = (self.connect)(addr).map_err(|e| ApiError::new(ErrorCode::Unavailable, e))?;
         clients.insert(addr.to_string(), c.clone());
         Ok(c)
     }

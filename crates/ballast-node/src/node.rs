@@ -35,6 +35,7 @@ use ballast_storage::{LogStore as _, RocksConfig, RocksStore, StorageError};
 use ballast_types::{ClusterId, DiskInfo, GroupId, ShardId};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
@@ -163,6 +164,10 @@ impl Node {
         if let Some(z) = &config.zone {
             ballast_types::validate_name(z).map_err(|e| NodeError::Config(format!("zone {z:?}: {e}")))?;
         }
+        let token = config.join_token.as_deref();
+        let invalid_token = |e: ballast_proto::auth::InvalidToken| NodeError::Config(format!("join token: {e}"));
+        let peer_token = ballast_proto::PresentToken::new(token).map_err(invalid_token)?;
+        let require_token = ballast_proto::RequireToken::new(token).map_err(invalid_token)?;
         let mut disks = Vec::with_capacity(config.data_dirs.len());
         for dir in &config.data_dirs {
             std::fs::create_dir_all(dir).map_err(|e| NodeError::Config(format!("data dir {}: {e}", dir.display())))?;
@@ -219,6 +224,7 @@ impl Node {
         let inner = Arc::new(NodeInner {
             scrub,
             config,
+            peer_token,
             advertise,
             local_addr,
             disks,
@@ -238,12 +244,17 @@ impl Node {
         });
 
         let weak = Arc::downgrade(&inner);
-        let connect: crate::integrity::Connect =
-            Box::new(move |addr: &str| weak.upgrade().ok_or_else(|| "the node is stopping".to_string())?.channel(addr));
+        let connect: crate::integrity::Connect = Box::new(move |addr: &str| {
+            weak.upgrade().ok_or_else(|| "the node is stopping".to_string())?.peer_client(addr)
+        });
         let peers = Arc::new(crate::integrity::Peers::new(who.clone(), connect));
-        let raft = RaftServer::new(RaftService::new(who, groups.clone()).with_peers(peers.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        // Every Raft call must carry the join token when this node has one.
+        let raft = InterceptedService::new(
+            RaftServer::new(RaftService::new(who, groups.clone()).with_peers(peers.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            require_token,
+        );
         let data = DataServer::new(crate::metrics::MeteredData(
             DataService::new(groups, locator).observed(inner.io.clone(), inner.who.clone()).repairing(peers.clone()),
         ))
@@ -295,7 +306,9 @@ fn hostname() -> String {
 
 /// Open a data dir, waiting (bounded) for a previous instance's lock.
 async fn open_disk(dir: PathBuf, rocks: RocksConfig) -> Result<Disk, NodeError> {
-    let store = open_store(dir.clone(), rocks.clone()).await?;
+    // The block store of a replica needs no write-ahead log: its Raft log
+    // is the durable source, replayed after a crash (RocksConfig::wal).
+    let store = open_store(dir.clone(), RocksConfig { wal: false, ..rocks }).await?;
     if store.holds_raft_logs()? {
         return Err(NodeError::Io(std::io::Error::other(format!(
             "{} was written by an older Ballast that kept Raft logs inside the block database; \
@@ -353,6 +366,8 @@ pub(crate) fn disk_info(dir: &std::path::Path) -> DiskInfo {
 /// Everything a node owns, shared by its services and background tasks.
 pub(crate) struct NodeInner {
     pub config: NodeConfig,
+    /// Presented on every `Raft` call this node makes ([`ballast_proto::auth`]).
+    pub peer_token: ballast_proto::PresentToken,
     pub advertise: String,
     pub local_addr: SocketAddr,
     pub disks: Vec<Disk>,
@@ -410,6 +425,11 @@ impl NodeInner {
         Ok(c)
     }
 
+    /// A `Raft` client for the node at `addr` that presents the join token.
+    pub fn peer_client(&self, addr: &str) -> Result<ballast_proto::PeerClient, String> {
+        Ok(ballast_proto::peer_client(self.channel(addr)?, &self.peer_token))
+    }
+
     pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut stop = self.stop_tasks.subscribe();
         let handle = tokio::spawn(async move {
@@ -448,7 +468,9 @@ impl NodeInner {
                 .map_err(|e| NodeError::Io(std::io::Error::other(e)))??;
         }
         let transport = Arc::new(
-            GrpcTransport::new(id.cluster, id.node.0, self.config.rebuild_rate).with_tls(self.config.tls.clone()),
+            GrpcTransport::new(id.cluster, id.node.0, self.config.rebuild_rate)
+                .with_tls(self.config.tls.clone())
+                .with_token(self.peer_token.clone()),
         );
         let _ = self.transport.set(transport.clone());
         let _ = self.who.set((id.cluster, id.node));
@@ -706,6 +728,19 @@ impl NodeHandle {
             if let Err(e) = replica.group.shutdown().await {
                 tracing::warn!(node = inner.id(), %group, "replica shutdown: {e}");
                 first_err.get_or_insert(NodeError::from(e));
+            }
+        }
+        // Block writes have no write-ahead log: flush them now, so a restart
+        // finds every applied entry in place instead of replaying the logs.
+        for disk in &inner.disks {
+            let store = disk.store.clone();
+            let flushed = tokio::task::spawn_blocking(move || {
+                ballast_storage::BlockStore::sync(&*store).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(e) = flushed {
+                tracing::warn!(node = inner.id(), disk = %disk.dir.display(), "flushing blocks at shutdown: {e}");
             }
         }
         let server = self.server.lock().unwrap_or_else(|e| e.into_inner()).take();

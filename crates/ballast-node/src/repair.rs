@@ -45,7 +45,6 @@ use std::time::{Duration, Instant};
 
 use ballast_proto::pb;
 use ballast_proto::pb::admin_client::AdminClient;
-use ballast_proto::pb::raft_client::RaftClient;
 use ballast_proto::{ProtoError, MAX_MESSAGE_SIZE};
 use ballast_raft::snapshot::shard_range;
 use ballast_raft::{codec, BallastNode, ClusterMap, MetaCommand, MetaGroup, TypeConfig};
@@ -227,14 +226,14 @@ async fn shard_bytes(store: Arc<RocksStore>, shard: ShardId) -> u64 {
 
 /// Whether the node at `addr` answers a Raft hello for `cluster`.
 pub(crate) async fn probe(inner: &NodeInner, cluster: ClusterId, addr: &str) -> bool {
-    let Ok(channel) = inner.channel(addr) else { return false };
+    let Ok(mut client) = inner.peer_client(addr) else { return false };
     let hello = pb::NodeHello {
         cluster_id: cluster.0,
         node_id: inner.id(),
         addr: inner.advertise.clone(),
         protocol_version: PROTOCOL_VERSION,
     };
-    let call = async { RaftClient::new(channel).hello(hello).await };
+    let call = client.hello(hello);
     matches!(tokio::time::timeout(PROBE_TIMEOUT, call).await, Ok(Ok(r)) if r.get_ref().error.is_none())
 }
 

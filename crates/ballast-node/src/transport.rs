@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ballast_proto::pb::raft_client::RaftClient;
 use ballast_proto::{pb, ProtoError, Reply};
+use ballast_proto::{PeerClient, PresentToken};
 use ballast_raft::types::{SnapshotMeta, Vote};
 use ballast_raft::{codec, BallastNode, FullSnapshot, NodeId, Transport, TransportError, TypeConfig};
 use ballast_types::{ClusterId, GroupId, RaftEnvelope, RaftRequest, SnapshotChunk, SnapshotStart};
@@ -25,7 +25,6 @@ use bytes::Bytes;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 /// How long a new connection may take before the call counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,11 +34,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct GrpcTransport {
     cluster: ClusterId,
     me: NodeId,
-    peers: Mutex<HashMap<String, RaftClient<Channel>>>,
+    peers: Mutex<HashMap<String, PeerClient>>,
     /// Paces outgoing snapshot bytes (rebuilds); `None`: as fast as they go.
     rebuild: Option<std::sync::Arc<Pacer>>,
     /// Mutual TLS towards peers; `None`: plain HTTP/2.
     tls: Option<ballast_proto::TlsConfig>,
+    /// Presented on every call ([`ballast_proto::auth`]).
+    token: PresentToken,
     /// Snapshot bytes sent per (group, target), for rebuild progress.
     rebuilds: std::sync::Arc<crate::repair::Rebuilds>,
 }
@@ -79,7 +80,15 @@ impl GrpcTransport {
     /// together (`None` or 0: unlimited).
     pub fn new(cluster: ClusterId, me: NodeId, rebuild_rate: Option<u64>) -> Self {
         let rebuild = rebuild_rate.filter(|r| *r > 0).map(|r| std::sync::Arc::new(Pacer::new(r)));
-        Self { cluster, me, peers: Mutex::new(HashMap::new()), rebuild, tls: None, rebuilds: Default::default() }
+        Self {
+            cluster,
+            me,
+            peers: Mutex::new(HashMap::new()),
+            rebuild,
+            tls: None,
+            token: PresentToken::default(),
+            rebuilds: Default::default(),
+        }
     }
 
     /// The replicas being built through this transport's snapshot streams.
@@ -93,9 +102,15 @@ impl GrpcTransport {
         self
     }
 
+    /// Present `token` on every call (the peers refuse calls without their token).
+    pub fn with_token(mut self, token: PresentToken) -> Self {
+        self.token = token;
+        self
+    }
+
     /// The client for `node`'s address; connects on first use and reconnects
     /// by itself after the peer restarts.
-    fn client(&self, target: NodeId, node: &BallastNode) -> Result<RaftClient<Channel>, TransportError> {
+    fn client(&self, target: NodeId, node: &BallastNode) -> Result<PeerClient, TransportError> {
         if crate::faults::blocked(target) {
             return Err(TransportError::Unreachable { target, reason: "partition fault".into() });
         }
@@ -107,9 +122,7 @@ impl GrpcTransport {
             .map_err(|e| TransportError::Unreachable { target, reason: e.to_string() })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        let client = RaftClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(ballast_proto::MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(ballast_proto::MAX_MESSAGE_SIZE);
+        let client = ballast_proto::peer_client(endpoint.connect_lazy(), &self.token);
         peers.insert(node.addr.clone(), client.clone());
         Ok(client)
     }

@@ -17,10 +17,12 @@
 //! Read first: `docs/wire-format.md`, then `error.rs`, `data.rs`, `admin.rs`.
 
 mod admin;
+pub mod auth;
 mod data;
 mod error;
 pub mod tls;
 
+pub use auth::{peer_client, PeerClient, PresentToken, RequireToken};
 pub use data::SnapshotSequencer;
 pub use error::{
     api_error_from_status, code_from_grpc, error_code_from_wire, grpc_code, status_from_api_error, ConvertError,

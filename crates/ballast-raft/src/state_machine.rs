@@ -3,10 +3,13 @@
 //! Applying an entry writes its block changes, the last-applied log id, the
 //! membership (when it changes) and any new fencing epoch in ONE batch, with
 //! `Durability::Buffered`: the Raft log is the durable source, and after a
-//! crash openraft re-applies from the persisted last-applied id (re-applying
-//! is harmless: every request is a blind overwrite). Building a snapshot
-//! syncs the store first, so the log is only ever purged below a durable
-//! applied state. Snapshots: see [`crate::snapshot`].
+//! crash openraft re-applies from the persisted last-applied id. On a node
+//! the block store keeps no write-ahead log (`RocksConfig::wal`), so a crash
+//! loses the applied batches since the last flush; the store keeps a prefix
+//! of them, each batch whole with its applied id, so the replay starts from
+//! exactly the state those entries were first applied to. Building a
+//! snapshot syncs (flushes) the store first, so the log is only ever purged
+//! below a durable applied state. Snapshots: see [`crate::snapshot`].
 
 use std::collections::BTreeMap;
 use std::io;

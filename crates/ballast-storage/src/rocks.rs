@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use ballast_types::BlockKey;
 use bytes::Bytes;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
-    Options, ReadOptions, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, FlushOptions,
+    IteratorMode, Options, ReadOptions, WriteOptions, DB,
 };
 
 use crate::store::{BlockSnapshot, BlockStore, Durability, KeyRange, MetaEntry, WriteBatch, WriteOp};
@@ -22,6 +22,7 @@ pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_RAFT_LOG: &str = "raft_log";
 /// Per-group Raft state (vote, committed, purged), keyed by group.
 pub(crate) const CF_RAFT_STATE: &str = "raft_state";
+const ALL_CFS: [&str; 4] = [CF_DATA, CF_META, CF_RAFT_LOG, CF_RAFT_STATE];
 /// Catalog key holding the on-disk format version of the whole store.
 const FORMAT_KEY: &[u8] = b"\x00ballast/format";
 const FORMAT_VERSION: u32 = 1;
@@ -33,11 +34,25 @@ pub struct RocksConfig {
     pub block_cache_bytes: usize,
     /// Memtable size of the data column family.
     pub write_buffer_bytes: usize,
+    /// Whether block writes go through RocksDB's write-ahead log.
+    ///
+    /// `true` (the default): a `Buffered` write survives a process crash,
+    /// `Sync` writes and [`BlockStore::sync`] fsync the log.
+    ///
+    /// `false`, for the replicas of a Raft group, whose Raft log is the
+    /// durable source and is replayed after a crash: blocks are written
+    /// once less, and no block write ever waits behind a log fsync. A
+    /// `Buffered` write is then lost on a process crash too, until the
+    /// next `sync` or `Sync` write, which flush every memtable (atomically
+    /// across column families, so what survives a crash is always a prefix
+    /// of the writes: blocks never without the catalog entries written with
+    /// them, nor the other way round).
+    pub wal: bool,
 }
 
 impl Default for RocksConfig {
     fn default() -> Self {
-        Self { block_cache_bytes: 256 << 20, write_buffer_bytes: 128 << 20 }
+        Self { block_cache_bytes: 256 << 20, write_buffer_bytes: 128 << 20, wal: true }
     }
 }
 
@@ -45,7 +60,7 @@ impl RocksConfig {
     /// A database that holds only Raft logs: entries are read back while
     /// recent (from the memtable), so a small cache suffices.
     pub fn raft_log() -> Self {
-        Self { block_cache_bytes: 16 << 20, write_buffer_bytes: 128 << 20 }
+        Self { block_cache_bytes: 16 << 20, write_buffer_bytes: 128 << 20, wal: true }
     }
 }
 
@@ -53,6 +68,8 @@ impl RocksConfig {
 pub struct RocksStore {
     pub(crate) db: DB,
     path: PathBuf,
+    /// [`RocksConfig::wal`].
+    wal: bool,
 }
 
 fn engine(e: rocksdb::Error) -> StorageError {
@@ -80,7 +97,16 @@ impl RocksStore {
         // No WAL recycling (`recycle_log_file_num`): it made FLUSH cheaper, but a
         // replica restarted after a snapshot install diverged from its peers in
         // 5 of 10 runs of ballast-raft's cluster tests (0 of 10 without it).
-        db_opts.set_enable_pipelined_write(true);
+        if config.wal {
+            db_opts.set_enable_pipelined_write(true);
+        } else {
+            // Without a write-ahead log the column families are only
+            // consistent with each other (blocks with the applied index beside
+            // them) if every flush, automatic ones included, writes them all
+            // at one point in time. (RocksDB refuses pipelined writes with it;
+            // they only overlap a WAL write with the memtable insert.)
+            db_opts.set_atomic_flush(true);
+        }
         // Writers waiting for a group's leader sleep instead of spinning:
         // syncs take hundreds of microseconds here, and the spinning showed
         // up as CPU taken from the other replicas on the same machine.
@@ -137,7 +163,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_RAFT_STATE, state_opts),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| open_err(e.into_string()))?;
-        let store = Self { db, path: path.to_path_buf() };
+        let store = Self { db, path: path.to_path_buf(), wal: config.wal };
         store.check_format().map_err(|e| open_err(e.to_string()))?;
         Ok(store)
     }
@@ -163,6 +189,15 @@ impl RocksStore {
                 Ok(())
             }
         }
+    }
+
+    /// Write every column family's memtable to table files, atomically
+    /// (`atomic_flush`), and wait until they and the manifest are synced.
+    fn flush_all(&self) -> Result<(), StorageError> {
+        let cfs = ALL_CFS.iter().map(|n| self.cf(n)).collect::<Result<Vec<_>, _>>()?;
+        let mut fo = FlushOptions::default();
+        fo.set_wait(true);
+        self.db.flush_cfs_opt(&cfs, &fo).map_err(engine)
     }
 
     pub(crate) fn cf(&self, name: &str) -> Result<&ColumnFamily, StorageError> {
@@ -248,12 +283,24 @@ impl BlockStore for RocksStore {
             }
         }
         let mut wo = WriteOptions::default();
-        wo.set_sync(durability == Durability::Sync);
-        self.db.write_opt(wb, &wo).map_err(engine)
+        if self.wal {
+            wo.set_sync(durability == Durability::Sync);
+            return self.db.write_opt(wb, &wo).map_err(engine);
+        }
+        wo.disable_wal(true);
+        self.db.write_opt(wb, &wo).map_err(engine)?;
+        if durability == Durability::Sync {
+            self.flush_all()?;
+        }
+        Ok(())
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        self.db.flush_wal(true).map_err(engine)
+        if self.wal {
+            self.db.flush_wal(true).map_err(engine)
+        } else {
+            self.flush_all()
+        }
     }
 
     fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -300,20 +347,21 @@ mod tests {
 
     struct Rocks {
         dirs: Vec<tempfile::TempDir>,
+        config: RocksConfig,
     }
 
     impl Harness for Rocks {
         type Store = RocksStore;
         fn open(&mut self) -> RocksStore {
             let dir = tempfile::tempdir().expect("tempdir");
-            let s = RocksStore::open(dir.path(), &RocksConfig::default()).expect("open");
+            let s = RocksStore::open(dir.path(), &self.config).expect("open");
             self.dirs.push(dir);
             s
         }
         fn reopen(&mut self, store: RocksStore) -> Option<RocksStore> {
             let path = store.path().to_path_buf();
             drop(store);
-            Some(RocksStore::open(&path, &RocksConfig::default()).expect("reopen"))
+            Some(RocksStore::open(&path, &self.config).expect("reopen"))
         }
         fn corrupt(&mut self, store: &RocksStore, key: &BlockKey) {
             assert!(store.corrupt(key).expect("corrupt"));
@@ -322,7 +370,70 @@ mod tests {
 
     #[test]
     fn rocks_store_passes_conformance() {
-        run_all(&mut Rocks { dirs: Vec::new() });
+        run_all(&mut Rocks { dirs: Vec::new(), config: RocksConfig::default() });
+    }
+
+    #[test]
+    fn rocks_store_without_wal_passes_conformance() {
+        run_all(&mut Rocks { dirs: Vec::new(), config: RocksConfig { wal: false, ..RocksConfig::default() } });
+    }
+
+    const CRASH_DIR: &str = "BALLAST_TEST_CRASH_DIR";
+    const CRASH_WAL: &str = "BALLAST_TEST_CRASH_WAL";
+    const CRASH_BATCHES: u64 = 300;
+
+    fn applied(s: &RocksStore) -> u64 {
+        let v = s.get_meta(b"applied").expect("meta").expect("applied is written first, synced");
+        u64::from_be_bytes(v.try_into().expect("u64"))
+    }
+
+    /// Not a test of its own: the process [`a_crash_keeps_synced_writes_and_a_prefix_of_the_rest`]
+    /// starts writes batches to the store its environment names, then aborts.
+    #[test]
+    fn crash_writer_process() {
+        let Ok(dir) = std::env::var(CRASH_DIR) else { return };
+        let wal = std::env::var(CRASH_WAL).as_deref() == Ok("1");
+        let s = RocksStore::open(Path::new(&dir), &RocksConfig { wal, ..RocksConfig::default() }).expect("open");
+        for i in 1..=CRASH_BATCHES {
+            let mut b = WriteBatch::new();
+            b.put(crate::conformance::key(1, 1, 0, i as u32), crate::conformance::block(i));
+            b.put_meta(b"applied".to_vec(), i.to_be_bytes().to_vec());
+            let durability = if i == 1 || i == 100 { Durability::Sync } else { Durability::Buffered };
+            s.write(b, durability).expect("write");
+        }
+        std::process::abort();
+    }
+
+    /// A process crash (abort, no close): with the write-ahead log every
+    /// returned write survives; without it the synced ones do, and what
+    /// survives is a prefix of the batches, each whole.
+    #[test]
+    fn a_crash_keeps_synced_writes_and_a_prefix_of_the_rest() {
+        for wal in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+                .args(["--exact", "rocks::tests::crash_writer_process", "--nocapture", "--test-threads", "1"])
+                .env(CRASH_DIR, dir.path())
+                .env(CRASH_WAL, if wal { "1" } else { "0" })
+                .output()
+                .expect("run the writer");
+            assert!(!out.status.success(), "the writer must abort: {}", String::from_utf8_lossy(&out.stderr));
+            let s = RocksStore::open(dir.path(), &RocksConfig { wal, ..RocksConfig::default() }).expect("reopen");
+            let n = applied(&s);
+            if wal {
+                assert_eq!(n, CRASH_BATCHES, "with a WAL every returned write survives a process crash");
+            } else {
+                assert!(n >= 100, "synced batch 100 was lost: applied {n}");
+                // Nothing flushed the last (buffered) batches: this run did
+                // test a crash, not a clean close.
+                assert!(n < CRASH_BATCHES, "applied {n}: the crash lost nothing");
+            }
+            for i in 1..=CRASH_BATCHES {
+                let got = s.get(&crate::conformance::key(1, 1, 0, i as u32)).expect("get");
+                let want = (i <= n).then(|| crate::conformance::block(i));
+                assert_eq!(got, want, "wal {wal}: block {i} with applied {n}");
+            }
+        }
     }
 
     #[test]

@@ -78,9 +78,11 @@ impl WriteBatch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// Visible to readers at once; on stable storage after the next
-    /// [`BlockStore::sync`] (or a later `Sync` write). Lost on power loss before that.
+    /// [`BlockStore::sync`] (or a later `Sync` write). Lost on power loss
+    /// before that, and in an engine without a write-ahead log on a process
+    /// crash too.
     Buffered,
-    /// On stable storage before `write` returns (the write-ahead log is fsync'd).
+    /// On stable storage before `write` returns, with every write before it.
     Sync,
 }
 
@@ -94,10 +96,15 @@ pub enum Durability {
 ///   order; once `write` returns, every reader sees it (read-your-writes across
 ///   threads).
 /// - **Durability.** `write(.., Durability::Sync)` returns only once the batch
-///   survives power loss. `sync()` returns only once every write that returned
-///   before `sync` was called survives power loss. `Buffered` writes promise
-///   nothing about power loss until then, but survive a process crash in
-///   engines with a write-ahead log.
+///   and every write that returned before it survive power loss. `sync()`
+///   returns only once every write that returned before `sync` was called
+///   survives power loss. `Buffered` writes promise nothing about power loss
+///   until then; they survive a process crash in engines with a write-ahead
+///   log. Whatever a crash or power loss keeps is a prefix of the writes in
+///   the order they returned: a later batch never survives without an
+///   earlier one. (So a Raft state machine that stores its applied index in
+///   each batch and replays its log from that index after a crash needs no
+///   write-ahead log of its own.)
 /// - **Snapshots.** A snapshot sees the store as of its creation, unaffected by
 ///   later writes, and is read in bounded pages so a whole shard never has to
 ///   sit in memory.

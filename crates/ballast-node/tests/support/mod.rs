@@ -47,6 +47,16 @@ pub async fn start_node_bare(
     listen: SocketAddr,
     tweak: impl FnOnce(&mut ShardConfig),
 ) -> NodeHandle {
+    start_node_with(id, dir, listen, |c| tweak(&mut c.shard)).await
+}
+
+/// [`start_node_bare`], with the whole node configuration to tweak.
+pub async fn start_node_with(
+    id: NodeId,
+    dir: &Path,
+    listen: SocketAddr,
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> NodeHandle {
     let mut config = NodeConfig::new(id, listen, "", vec![dir.to_path_buf()]);
     if let Some(identity) = config.identity.as_mut() {
         identity.cluster = CLUSTER;
@@ -57,9 +67,9 @@ pub async fn start_node_bare(
         election_timeout_max: Duration::from_millis(600),
         ..ShardConfig::default()
     };
-    tweak(&mut config.shard);
-    config.rocks = RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 };
+    config.rocks = RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20, ..RocksConfig::default() };
     config.locator = Some(Arc::new(PLACEMENT));
+    tweak(&mut config);
     Node::start(config).await.expect("start node")
 }
 

@@ -189,7 +189,7 @@ pub struct ClusterMap {
 
 /// [`ClusterMap`] as stored before `last_node`; read only, to load data
 /// written then.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Deserialize)]
 pub(crate) struct ClusterMapV1 {
     cluster_id: u64,
     version: u64,
@@ -758,9 +758,11 @@ impl ClusterMap {
         Ok(())
     }
 
-    /// The id for the next node to join: above every id ever given.
+    /// The id for the next node to join: above every id ever given
+    /// ([`Self::add_node`] raises `last_node`, and so does loading a map
+    /// stored before it existed).
     pub fn next_node_id(&self) -> u64 {
-        self.last_node.max(self.nodes.keys().max().copied().unwrap_or(0)) + 1
+        self.last_node + 1
     }
 
     fn create_pool(&mut self, spec: &MetaPoolSpec) -> Result<MetaPool, ApiError> {

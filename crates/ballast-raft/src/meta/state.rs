@@ -19,6 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 use ballast_storage::{BlockStore, Durability, StorageError, WriteBatch};
 use ballast_types::{BlockKey, ShardId, VolumeId};
 use openraft::EntryPayload;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::map::{ClusterMap, ClusterMapV1, MetaFailure, MetaReply};
@@ -65,22 +66,23 @@ struct SnapshotRecordV1 {
     map: ClusterMapV1,
 }
 
-fn decode_state(v: &[u8]) -> io::Result<StateRecord> {
-    codec::decode::<StateRecord>(v).or_else(|e| {
-        let old: StateRecordV1 = codec::decode(v).map_err(|_| e)?;
-        Ok(StateRecord { applied: old.applied, membership: old.membership, map: old.map.into() })
-    })
+impl From<StateRecordV1> for StateRecord {
+    fn from(old: StateRecordV1) -> Self {
+        Self { applied: old.applied, membership: old.membership, map: old.map.into() }
+    }
 }
 
-fn decode_snapshot(v: &[u8]) -> io::Result<SnapshotRecord> {
-    codec::decode::<SnapshotRecord>(v).or_else(|e| {
-        let old: SnapshotRecordV1 = codec::decode(v).map_err(|_| e)?;
-        Ok(SnapshotRecord { meta: old.meta, map: old.map.into() })
-    })
+impl From<SnapshotRecordV1> for SnapshotRecord {
+    fn from(old: SnapshotRecordV1) -> Self {
+        Self { meta: old.meta, map: old.map.into() }
+    }
 }
 
-fn decode_map(v: &[u8]) -> io::Result<ClusterMap> {
-    codec::decode::<ClusterMap>(v).or_else(|e| Ok(codec::decode::<ClusterMapV1>(v).map_err(|_| e)?.into()))
+/// Decode `v` in the current layout `T`, else in the layout `V1` it had
+/// before `ClusterMap::last_node` (converted). The error is the current
+/// layout's.
+fn decode_either<T: DeserializeOwned, V1: DeserializeOwned + Into<T>>(v: &[u8]) -> io::Result<T> {
+    codec::decode::<T>(v).or_else(|e| Ok(codec::decode::<V1>(v).map_err(|_| e)?.into()))
 }
 
 /// In-memory state of the meta state machine, shared with [`super::MetaGroup`].
@@ -105,10 +107,14 @@ fn storage(e: StorageError) -> io::Error {
 /// Load the state from `store` (empty on a fresh disk). Blocking.
 pub(crate) fn load<S: BlockStore>(store: &S) -> io::Result<MetaState> {
     let rec: StateRecord = match store.get_meta(STATE_KEY).map_err(storage)? {
-        Some(v) => decode_state(&v)?,
+        Some(v) => decode_either::<StateRecord, StateRecordV1>(&v)?,
         None => StateRecord::default(),
     };
-    let snapshot = store.get_meta(SNAPSHOT_KEY).map_err(storage)?.map(|v| decode_snapshot(&v)).transpose()?;
+    let snapshot = store
+        .get_meta(SNAPSHOT_KEY)
+        .map_err(storage)?
+        .map(|v| decode_either::<SnapshotRecord, SnapshotRecordV1>(&v))
+        .transpose()?;
     Ok(MetaState { applied: rec.applied, membership: rec.membership, map: rec.map, snapshot, replies: BTreeMap::new() })
 }
 
@@ -206,7 +212,7 @@ pub(crate) fn install<S: BlockStore>(
     let mut map = None;
     while let Some(page) = snapshot.next_page()? {
         for (_, v) in page.decoded(META_SHARD)? {
-            map = Some(decode_map(&v)?);
+            map = Some(decode_either::<ClusterMap, ClusterMapV1>(&v)?);
         }
     }
     let map = map.ok_or_else(|| io_err("meta snapshot without a map"))?;

@@ -40,7 +40,7 @@ impl StoreBuilder<TypeConfig, ShardLogStore<RocksStore>, ShardStateMachine<Rocks
     ) -> Result<(tempfile::TempDir, ShardLogStore<RocksStore>, ShardStateMachine<RocksStore>), StorageError<TypeConfig>>
     {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 };
+        let config = RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20, wal: false };
         let store = Arc::new(RocksStore::open(&dir.path().join("db"), &config).expect("rocks"));
         let writer = LogWriter::spawn(store.clone()).expect("writer");
         let log = ShardLogStore::open(1, writer).expect("log");

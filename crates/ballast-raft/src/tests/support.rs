@@ -48,7 +48,10 @@ pub struct Node {
 pub fn open_store(dir: &Path) -> Arc<RocksStore> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match RocksStore::open(dir, &RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 }) {
+        match RocksStore::open(
+            dir,
+            &RocksConfig { block_cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20, wal: false },
+        ) {
             Ok(s) => return Arc::new(s),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("store still locked: {e}");
