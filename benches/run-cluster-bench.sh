@@ -21,6 +21,9 @@
 #                outputs in a kept directory under /tmp [1]
 #   WORK_DIR     parent of the nodes' data and the reference file; on the disk
 #                to measure, not tmpfs [/var/tmp]
+#   WORKER_THREADS  runtime threads of each node and of attach, which all
+#                share this machine's cores (as `ballast demo` sets them)
+#                [one per four cores, at least 1]
 #
 # Everything it starts (nodes, attach, qemu-nbd) and its data directory are
 # removed on exit, Ctrl-C included; on failure the logs are kept and named.
@@ -35,6 +38,7 @@ SHARDS=${SHARDS:-8}
 SIZE=${SIZE:-2GiB}
 RECORD=${RECORD:-1}
 WORK_DIR=${WORK_DIR:-/var/tmp}
+WORKER_THREADS=${WORKER_THREADS:-$(( $(nproc) / 4 > 1 ? $(nproc) / 4 : 1 ))}
 DOC=docs/benchmarks.md
 
 die() { echo "run-cluster-bench: $*" >&2; exit 1; }
@@ -96,7 +100,7 @@ i=0
 for port in "$P1" "$P2" "$P3"; do
   i=$((i + 1))
   "$BIN" node --data-dir "$work/node$i" --listen "127.0.0.1:$port" --advertise "127.0.0.1:$port" \
-    >"$logs/node$i.log" 2>&1 &
+    --worker-threads "$WORKER_THREADS" >"$logs/node$i.log" 2>&1 &
   pids+=($!)
 done
 for port in "$P1" "$P2" "$P3"; do wait_port "$port" "ballast node"; done
@@ -104,7 +108,8 @@ for port in "$P1" "$P2" "$P3"; do wait_port "$port" "ballast node"; done
   die "cluster init failed: $(tail -n 1 "$logs/init.log")"
 "$BIN" volume create bench --size "$SIZE" --endpoints "$EP" >"$logs/volume.log" 2>&1 ||
   die "volume create failed: $(tail -n 1 "$logs/volume.log")"
-"$BIN" attach bench --listen "127.0.0.1:$PA" --endpoints "$EP" >"$logs/attach.log" 2>&1 &
+"$BIN" attach bench --listen "127.0.0.1:$PA" --endpoints "$EP" --worker-threads "$WORKER_THREADS" \
+  >"$logs/attach.log" 2>&1 &
 pids+=($!)
 
 # The reference: a raw file of the same size, on the same disk, O_DIRECT.
@@ -160,9 +165,9 @@ if [ "$RECORD" = 0 ]; then
   exit 0
 fi
 
-python3 - "$DOC" "$json" "$svg" "$date" "$commit" "$machine" "$SHARDS" <<'PY'
+python3 - "$DOC" "$json" "$svg" "$date" "$commit" "$machine" "$SHARDS" "$WORKER_THREADS" <<'PY'
 import json, os, sys
-doc, json_path, svg, date, commit, machine, shards = sys.argv[1:]
+doc, json_path, svg, date, commit, machine, shards, threads = sys.argv[1:]
 r = json.load(open(json_path))
 a, b = r["targets"]
 bres = {x["test"]: x for x in b["results"]}
@@ -179,7 +184,7 @@ section = [
     "",
     f"### {date}, commit {commit}: 3 replicas vs qemu-nbd, {how}",
     f"Machine: {machine}.",
-    f"Setup: three `ballast node` processes, {shards} shards, 3 replicas, `ballast attach`; reference "
+    f"Setup: three `ballast node` processes, {shards} shards, 3 replicas, `ballast attach`, {threads} runtime thread(s) each; reference "
     "`qemu-nbd --cache=none --aio=threads` on a raw file on the same disk. "
     f"Plot: [{rel(svg)}]({rel(svg)}); results: [{rel(json_path)}]({rel(json_path)}).",
     "",

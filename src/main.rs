@@ -38,7 +38,11 @@ fn main() -> ExitCode {
         eprintln!("ballast: {e:#}");
         return ExitCode::from(cli::EXIT_USAGE);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads {
+        builder.worker_threads(usize::from(n));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ballast: cannot start the runtime: {e}");

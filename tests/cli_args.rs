@@ -94,6 +94,8 @@ fn bad_flags_get_one_line_and_exit_2() {
         (&["demo", "--base-port", "70000"], "70000"),
         (&["demo", "--volume", "bad/name"], "bad/name"),
         (&["demo", "--listen", "not-an-address"], "not-an-address"),
+        (&["node", "--data-dir", "/tmp/x", "--worker-threads", "0"], "--worker-threads"),
+        (&["attach", "v", "--worker-threads", "many"], "many"),
     ];
     for (args, expect) in cases {
         assert_usage_error(args, &[], expect);
@@ -109,6 +111,7 @@ fn bad_environment_gets_one_line_and_exit_2() {
     assert_usage_error(&["node"], &[("BALLAST_ZONE", "a/b"), ("BALLAST_DATA_DIR", "/tmp/x")], "BALLAST_ZONE");
     assert_usage_error(&["volume", "list"], &[("BALLAST_ENDPOINTS", "127.0.0.1:1,bad")], "bad");
     assert_usage_error(&["node"], &[], "no data directory");
+    assert_usage_error(&["status"], &[("BALLAST_WORKER_THREADS", "0")], "worker-threads");
 }
 
 #[test]

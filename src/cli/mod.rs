@@ -55,6 +55,11 @@ pub struct Cli {
     /// Log format: text or json.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Threads of the async runtime (default: one per core). Lower it where
+    /// several Ballast processes share few cores: `ballast demo` gives each
+    /// of its nodes one per four cores.
+    #[arg(long, global = true, env = "BALLAST_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     #[command(subcommand)]
     pub command: Command,
 }
