@@ -98,6 +98,14 @@ impl ShardConfig {
             // moved out of the group) never raises its term and deposes a
             // healthy leader.
             enable_pre_vote: Some(true),
+            // A restarted leader must win an election again, whose blank
+            // entry its reads then wait for. Restored at once, it would
+            // serve reads as of its applied state, which a crash rolls back
+            // to the last flush of the block store (its writes have no WAL),
+            // while entries it had committed and acknowledged wait in its
+            // log to be applied again: a stale read (found by the fault
+            // suite's power loss).
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         c.validate().map_err(|e| ShardError::Rejected { group, reason: e.to_string() })

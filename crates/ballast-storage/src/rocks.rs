@@ -287,6 +287,11 @@ impl BlockStore for RocksStore {
             wo.set_sync(durability == Durability::Sync);
             return self.db.write_opt(wb, &wo).map_err(engine);
         }
+        if durability == Durability::Logged {
+            // Into the log (not synced): replayed after a process crash on
+            // top of the flushed state; only this batch's own keys change.
+            return self.db.write_opt(wb, &wo).map_err(engine);
+        }
         wo.disable_wal(true);
         self.db.write_opt(wb, &wo).map_err(engine)?;
         if durability == Durability::Sync {
@@ -401,12 +406,15 @@ mod tests {
             let durability = if i == 1 || i == 100 { Durability::Sync } else { Durability::Buffered };
             s.write(b, durability).expect("write");
         }
+        let mut b = WriteBatch::new();
+        b.put_meta(b"logged".to_vec(), b"yes".to_vec());
+        s.write(b, Durability::Logged).expect("logged write");
         std::process::abort();
     }
 
     /// A process crash (abort, no close): with the write-ahead log every
-    /// returned write survives; without it the synced ones do, and what
-    /// survives is a prefix of the batches, each whole.
+    /// returned write survives; without it the synced and `Logged` ones do,
+    /// and of the `Buffered` ones a prefix, each batch whole.
     #[test]
     fn a_crash_keeps_synced_writes_and_a_prefix_of_the_rest() {
         for wal in [true, false] {
@@ -420,6 +428,11 @@ mod tests {
             assert!(!out.status.success(), "the writer must abort: {}", String::from_utf8_lossy(&out.stderr));
             let s = RocksStore::open(dir.path(), &RocksConfig { wal, ..RocksConfig::default() }).expect("reopen");
             let n = applied(&s);
+            assert_eq!(
+                s.get_meta(b"logged").expect("meta"),
+                Some(b"yes".to_vec()),
+                "wal {wal}: a Logged write was lost"
+            );
             if wal {
                 assert_eq!(n, CRASH_BATCHES, "with a WAL every returned write survives a process crash");
             } else {

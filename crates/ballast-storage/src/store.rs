@@ -82,6 +82,11 @@ pub enum Durability {
     /// before that, and in an engine without a write-ahead log on a process
     /// crash too.
     Buffered,
+    /// As `Buffered`, but always through a write-ahead log: survives a
+    /// process crash even where `Buffered` writes skip the log (for small
+    /// state a restart must find as it was, such as the meta group's map).
+    /// Lost on power loss until the next `sync` or `Sync` write.
+    Logged,
     /// On stable storage before `write` returns, with every write before it.
     Sync,
 }

@@ -5,8 +5,10 @@
 //! matters because meta commands, unlike block writes, are not idempotent:
 //! after a crash openraft re-applies exactly the entries after `applied`.
 //!
-//! Durability: applies are written `Buffered` (the Raft log is the durable
-//! source; a lost apply is redone from it); a snapshot record and an
+//! Durability: applies are written `Logged` (the Raft log is the durable
+//! source; a lost apply is redone from it, but a process crash does not
+//! roll the map back even on a node whose block writes skip the WAL: the
+//! reconciler acts on the map it finds after a restart); a snapshot record and an
 //! installed snapshot are written `Sync`, so the log is purged only below a
 //! durable map. A snapshot is the serialized map as a single in-memory page
 //! of a [`ShardSnapshot`] (header shard [`META_SHARD`]), so transports carry
@@ -164,7 +166,7 @@ pub(crate) fn apply_entries<S: BlockStore>(
     }
     let mut b = WriteBatch::new();
     put_state(&mut b, &st)?;
-    store.write(b, Durability::Buffered).map_err(storage)?;
+    store.write(b, Durability::Logged).map_err(storage)?;
     Ok(out)
 }
 
